@@ -1,0 +1,30 @@
+# Two commands on a fresh machine: `make demo` (quickstart, no downloads) and `make test`.
+# Each creates ./.venv on first use and installs what it needs into it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel of torch lies on disk here; pinning it keeps pip from pulling a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test lint format clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test,examples]" "$(TORCH)"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) examples/quickstart.py
+
+test: $(VENV)/.installed
+	$(PY) -m ruff check gpart tests examples benchmarks
+	$(PY) -m ruff format --check gpart tests examples benchmarks
+	$(PY) -m pytest -q
+
+format: $(VENV)/.installed
+	$(PY) -m ruff format gpart tests examples benchmarks
+	$(PY) -m ruff check --fix gpart tests examples benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,410 @@
+"""The model-level verbs: apply, merge, remove, and the contexts and accessors around them.
+
+Every verb validates everything first and only then changes the model, so a call that raises
+leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .errors import ConfigError, StateError, TargetError
+from .parametrization import GPartConfig, GPartParametrization, GPartState
+from .partition import group_counts, group_scales
+from .targets import Layout, TargetSpec, _hint, _name_matches, resolve
+
+__all__ = ["Summary", "apply", "cached", "disabled", "merge", "remove", "summary", "theta"]
+
+#: Attribute of the root model that holds the :class:`GPartState`.
+STATE_ATTR = "gpart"
+_BIAS_MODES = ("none", "all")
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x: object) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _names(value: object, what: str) -> tuple[str, ...]:
+    items = (value,) if isinstance(value, str) else value
+    if not isinstance(items, Sequence) or not all(isinstance(v, str) for v in items):
+        raise ConfigError(f"{what} must be a list of module/parameter names, got {value!r}.")
+    return tuple(items)
+
+
+def _make_config(
+    *,
+    d: object,
+    seed: object,
+    isometric: object,
+    bias: object,
+    dropout: object,
+    init_bound: object,
+    trainable: object,
+) -> GPartConfig:
+    if not _is_int(d) or int(d) < 1:
+        raise ConfigError(
+            f"d={d!r} ({type(d).__name__}): d is the number of trainable parameters and must be a "
+            "positive int (bools and floats are rejected). Pass e.g. d=23040."
+        )
+    if not _is_int(seed):
+        raise ConfigError(
+            f"seed={seed!r} ({type(seed).__name__}): the partition seed must be an int (any size, "
+            "negative allowed). Pass e.g. seed=0."
+        )
+    if not isinstance(isometric, bool):
+        raise ConfigError(f"isometric={isometric!r}: must be True or False.")
+    if bias not in _BIAS_MODES:
+        raise ConfigError(
+            f"bias={bias!r}: unknown bias mode; use 'none' (weights only) or 'all' (each target "
+            "module's bias joins the index space after its weight)."
+        )
+    if not _is_real(dropout) or not 0.0 <= float(dropout) < 1.0:
+        raise ConfigError(
+            f"dropout={dropout!r}: the delta dropout probability must be a number in [0, 1). "
+            "Use 0.0 to disable it."
+        )
+    if not _is_real(init_bound) or not (0.0 <= float(init_bound) < math.inf):
+        raise ConfigError(
+            f"init_bound={init_bound!r}: theta starts uniform in [-b, b], so b must be a finite "
+            "number >= 0 (0 = start exactly at the pretrained weights)."
+        )
+    return GPartConfig(
+        d=int(d),
+        seed=int(seed),
+        isometric=isometric,
+        bias=str(bias),
+        dropout=float(dropout),
+        init_bound=float(init_bound),
+        trainable=_names(trainable, "trainable"),
+    )
+
+
+def _find_state(model: nn.Module) -> GPartState | None:
+    state = getattr(model, STATE_ATTR, None) if isinstance(model, nn.Module) else None
+    return state if isinstance(state, GPartState) else None
+
+
+def _state(model: nn.Module) -> GPartState:
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"expected a torch.nn.Module, got {type(model).__name__}.")
+    state = _find_state(model)
+    if state is None:
+        raise StateError(
+            f"{type(model).__name__} has no gpart adapter (no '{STATE_ATTR}' state module); "
+            "call gpart.apply(model, d=..., seed=...) or gpart.load(model, path) first."
+        )
+    return state
+
+
+def _plan(
+    model: nn.Module,
+    config: GPartConfig,
+    *,
+    targets: TargetSpec | None,
+    target_parameters: Sequence[str],
+    exact: Sequence[str] | None = None,
+) -> tuple[Layout, torch.Tensor]:
+    """All checks and all computation of ``apply``, without touching the model."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"expected a torch.nn.Module, got {type(model).__name__}.")
+    if _find_state(model) is not None:
+        raise StateError(
+            f"gpart is already applied to this {type(model).__name__}; applying twice would stack "
+            "two partitions. Call gpart.remove(model) or gpart.merge(model) first."
+        )
+    if hasattr(model, STATE_ATTR):
+        raise StateError(
+            f"{type(model).__name__} already has an attribute {STATE_ATTR!r}; gpart stores its "
+            "state there. Rename that attribute."
+        )
+    if not (targets is None or isinstance(targets, str) or callable(targets)):
+        _names(targets, "targets")
+    module_names = [n for n, _ in model.named_modules()]
+    for name in config.trainable:
+        if not any(_name_matches(m, (name,)) for m in module_names):
+            raise TargetError(
+                f"trainable={list(config.trainable)!r}: {name!r} matches no module (exact name or "
+                f"dotted suffix); {_hint([name], module_names)}."
+            )
+    trainable_modules = [m for m in module_names if _name_matches(m, config.trainable)]
+    layout = resolve(
+        model,
+        targets=targets,
+        target_parameters=_names(target_parameters, "target_parameters"),
+        bias=config.bias,
+        exclude=trainable_modules,
+        exact=exact,
+    )
+    if config.d > layout.size:
+        raise ConfigError(
+            f"d={config.d} exceeds D={layout.size}, the number of target entries; every group "
+            f"needs at least one entry. Use d <= {layout.size} or select more targets."
+        )
+    first = model.get_parameter(layout.targets[0].name)
+    device = torch.device("cpu") if first.device.type == "meta" else first.device
+    counts = group_counts(layout.size, d=config.d, seed=config.seed, device=device)
+    return layout, group_scales(counts, isometric=config.isometric)
+
+
+def _install(
+    model: nn.Module, config: GPartConfig, layout: Layout, scale: torch.Tensor, *, freeze: bool
+) -> nn.Module:
+    """Mutate the model; on any failure, undo what was done and re-raise."""
+    state = GPartState(config, layout, scale)
+    state.saved_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    # parametrize re-registers a restored tensor last; remember the order so remove can undo that.
+    state.saved_order = {
+        t.module_name: list(model.get_submodule(t.module_name)._parameters) for t in layout.targets
+    }
+    trainable = [m for n, m in model.named_modules() if _name_matches(n, config.trainable)]
+    done: list[tuple[nn.Module, str]] = []
+    try:
+        for target in layout.targets:
+            module = model.get_submodule(target.module_name)
+            getattr(module, target.param_name).requires_grad_(False)
+            parametrize.register_parametrization(
+                module, target.param_name, GPartParametrization(state, target), unsafe=True
+            )
+            done.append((module, target.param_name))
+        setattr(model, STATE_ATTR, state)
+        if freeze:
+            for name, p in model.named_parameters():
+                if name != f"{STATE_ATTR}.theta":
+                    p.requires_grad_(False)
+        for module in trainable:
+            module.requires_grad_(True)
+    except BaseException:
+        _uninstall(model, state, done)
+        raise
+    return model
+
+
+def _uninstall(model: nn.Module, state: GPartState, done: list[tuple[nn.Module, str]]) -> None:
+    for module, pname in reversed(done):
+        parametrize.remove_parametrizations(module, pname, leave_parametrized=False)
+    for name, order in state.saved_order.items():
+        params = model.get_submodule(name)._parameters
+        params.update({k: params.pop(k) for k in order if k in params})
+    if _find_state(model) is state:
+        delattr(model, STATE_ATTR)
+    for name, p in model.named_parameters():
+        if name in state.saved_requires_grad:
+            p.requires_grad_(state.saved_requires_grad[name])
+
+
+def apply(
+    model: nn.Module,
+    *,
+    d: int,
+    seed: int,
+    targets: TargetSpec = "all-linear",
+    target_parameters: Sequence[str] = (),
+    bias: str = "none",
+    isometric: bool = True,
+    dropout: float = 0.0,
+    init_bound: float = 0.0,
+    trainable: Sequence[str] = (),
+    freeze: bool = True,
+) -> nn.Module:
+    """Make ``model`` GPart-trainable in place: one trainable vector ``theta`` of length ``d``.
+
+    All target entries (D of them, see :mod:`gpart.targets`) are split into ``d`` groups by a
+    seeded hash of their global position; entry ``i`` becomes ``W0[i] + theta[g(i)] / sqrt(n_g)``.
+    ``theta`` (zeros, fp32) is registered once as ``model.gpart.theta``.
+
+    Args:
+        d: number of trainable parameters (1 <= d <= D).
+        seed: partition seed (any int).
+        targets: module selection: list of names (exact or dotted suffix), a regex string,
+            ``"all-linear"`` (default) or a callable ``fn(name, module) -> bool``.
+        target_parameters: extra tensors by qualified parameter name (exact or dotted suffix),
+            e.g. 3-D expert weights or an embedding matrix.
+        bias: ``"none"`` or ``"all"`` (target modules' biases join the index space).
+        isometric: scale by ``1/sqrt(n_j)`` so that ``P^T P = I`` (default) or not (ablation).
+        dropout: inverted dropout on each weight's delta during training (never on biases).
+        init_bound: start theta uniform in ``[-b, b]`` instead of zeros.
+        trainable: modules left fully trainable (e.g. a classification head), never targets.
+        freeze: freeze every other parameter of the model (default True).
+
+    Returns:
+        The same ``model``.
+
+    >>> import torch, gpart
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> _ = gpart.apply(model, d=16, seed=0, targets=["0"], trainable=["2"])
+    >>> [n for n, p in model.named_parameters() if p.requires_grad]
+    ['2.weight', '2.bias', 'gpart.theta']
+    """
+    config = _make_config(
+        d=d,
+        seed=seed,
+        isometric=isometric,
+        bias=bias,
+        dropout=dropout,
+        init_bound=init_bound,
+        trainable=trainable,
+    )
+    if not isinstance(freeze, bool):
+        raise ConfigError(f"freeze={freeze!r}: must be True or False.")
+    layout, scale = _plan(model, config, targets=targets, target_parameters=target_parameters)
+    _install(model, config, layout, scale, freeze=freeze)
+    if config.init_bound > 0:
+        with torch.no_grad():
+            _state(model).theta.uniform_(-config.init_bound, config.init_bound)
+    return model
+
+
+def _parametrized(model: nn.Module, state: GPartState) -> list[tuple[nn.Module, str, GPartParametrization]]:
+    """Every (module, tensor name, parametrization) gpart installed; checks nothing is missing."""
+    out = []
+    for target in state.layout.targets:
+        try:
+            module = model.get_submodule(target.module_name)
+            plist = module.parametrizations[target.param_name]
+        except (AttributeError, KeyError) as err:
+            raise StateError(
+                f"target {target.name!r} lost its gpart parametrization ({err}); the model was "
+                "changed behind gpart's back. Rebuild it and apply again."
+            ) from None
+        found = [p for p in plist if isinstance(p, GPartParametrization) and p.state is state]
+        if len(plist) != 1 or not found:
+            raise StateError(
+                f"target {target.name!r} carries parametrizations {[type(p).__name__ for p in plist]}; "
+                "expected gpart's alone. Remove the others first."
+            )
+        out.append((module, target.param_name, found[0]))
+    return out
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Bake the current delta into the weights and drop gpart: the result is a plain model.
+
+    The target Parameters keep their identity (now holding ``W0 + delta``); ``theta`` and the
+    parametrizations are gone; every parameter's ``requires_grad`` is as before ``apply``.
+    Dropout is never applied when merging.
+
+    >>> import torch, gpart
+    >>> model = gpart.apply(torch.nn.Sequential(torch.nn.Linear(4, 4)), d=3, seed=0, init_bound=0.1)
+    >>> y = model(torch.ones(1, 4))
+    >>> torch.equal(gpart.merge(model)(torch.ones(1, 4)), y)
+    True
+    """
+    state = _state(model)
+    entries = _parametrized(model, state)
+    with torch.no_grad():
+        for module, pname, param in entries:
+            original = module.parametrizations[pname].original
+            original.copy_(param.effective(original, dropout=0.0))
+    _uninstall(model, state, [(m, n) for m, n, _ in entries])
+    return model
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undo ``apply`` exactly: original tensors (same Parameter objects), flags, no ``theta``.
+
+    >>> import torch, gpart
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    >>> w = model[0].weight
+    >>> gpart.remove(gpart.apply(model, d=3, seed=0))[0].weight is w
+    True
+    """
+    state = _state(model)
+    entries = _parametrized(model, state)
+    _uninstall(model, state, [(m, n) for m, n, _ in entries])
+    return model
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the model computes with its original weights (delta switched off).
+
+    >>> import torch, gpart
+    >>> model = gpart.apply(torch.nn.Sequential(torch.nn.Linear(4, 4)), d=3, seed=0, init_bound=1.0)
+    >>> with gpart.disabled(model):
+    ...     torch.equal(model[0].weight, model[0].parametrizations.weight.original)
+    True
+    """
+    state = _state(model)
+    before = state.enabled
+    state.enabled = False
+    try:
+        yield model
+    finally:
+        state.enabled = before
+
+
+@contextlib.contextmanager
+def cached(model: nn.Module) -> Iterator[nn.Module]:
+    """Compute every target's ``W0 + delta`` once for all forward passes inside the block.
+
+    For inference and generation: without it each forward (each generated token) rebuilds the
+    deltas. Leave the block before changing ``theta``.
+
+    >>> import torch, gpart
+    >>> model = gpart.apply(torch.nn.Sequential(torch.nn.Linear(4, 4)), d=3, seed=0)
+    >>> with torch.no_grad(), gpart.cached(model):
+    ...     model[0].weight is model[0].weight
+    True
+    """
+    _state(model)
+    with parametrize.cached():
+        yield model
+
+
+def theta(model: nn.Module) -> nn.Parameter:
+    """The trainable vector (fp32, length d) of a gpart model.
+
+    >>> import torch, gpart
+    >>> gpart.theta(gpart.apply(torch.nn.Sequential(torch.nn.Linear(4, 4)), d=3, seed=0)).shape
+    torch.Size([3])
+    """
+    return _state(model).theta
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Trainable-parameter counts of a gpart model."""
+
+    theta: int
+    other_trainable: int
+    total: int
+
+    @property
+    def trainable(self) -> int:
+        return self.theta + self.other_trainable
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"theta: {self.theta:,} | other trainable: {self.other_trainable:,} | "
+            f"trainable: {self.trainable:,} of {self.total:,} ({self.percent:.4f}%)"
+        )
+
+
+def summary(model: nn.Module) -> Summary:
+    """Counts of theta, other trainable parameters (e.g. a head) and all parameters.
+
+    >>> import torch, gpart
+    >>> model = gpart.apply(torch.nn.Sequential(torch.nn.Linear(4, 4)), d=3, seed=0)
+    >>> print(gpart.summary(model))
+    theta: 3 | other trainable: 0 | trainable: 3 of 23 (13.0435%)
+    """
+    theta_param = _state(model).theta
+    other = sum(p.numel() for p in model.parameters() if p.requires_grad and p is not theta_param)
+    total = sum(p.numel() for p in model.parameters())
+    return Summary(theta=theta_param.numel(), other_trainable=other, total=total)

@@ -1,0 +1,220 @@
+"""Which tensors gpart trains, and where each one sits in the global index space.
+
+Selection follows PEFT's conventions so existing configs carry over:
+
+* a list of names: a module matches if its qualified name equals an entry or ends with
+  ``"." + entry`` (``["query", "value"]`` matches ``encoder.layer.0.attention.self.query``);
+* a single string: a regular expression that must match the whole qualified name;
+* ``"all-linear"``: every ``nn.Linear`` (and transformers' GPT-2 ``Conv1D``) except the output
+  head (``model.get_output_embeddings()``) and modules kept trainable;
+* a callable ``fn(name, module) -> bool``.
+
+A matched module contributes its ``weight`` (and its ``bias`` in ``bias="all"`` mode). Tensors
+that are not a module's weight (3-D expert weights, a custom module's raw parameter) are named in
+``target_parameters`` with the same exact-or-dotted-suffix rule, against the parameter's
+qualified name.
+
+Canonical order, which fixes the partition: modules in ``model.named_modules()`` order; within a
+module ``weight``, then ``bias``, then other parameters in registration order; each tensor
+flattened row-major as stored.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import TargetError
+
+__all__ = ["Layout", "Target", "TargetSpec"]
+
+TargetSpec = str | Sequence[str] | Callable[[str, nn.Module], bool]
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target tensor and its interval ``[offset, offset + numel)`` of the global index space."""
+
+    name: str  #: qualified parameter name in the unmodified model, e.g. ``layers.0.query.weight``
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def module_name(self) -> str:
+        return self.name.rpartition(".")[0]
+
+    @property
+    def param_name(self) -> str:
+        return self.name.rpartition(".")[2]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The ordered targets; ``size`` is D, the length of the global index space."""
+
+    targets: tuple[Target, ...]
+
+    @property
+    def size(self) -> int:
+        last = self.targets[-1]
+        return last.offset + last.numel
+
+    def entries(self) -> list[tuple[str, list[int]]]:
+        """``[(name, shape), ...]``: what a file records to verify the layout."""
+        return [(t.name, list(t.shape)) for t in self.targets]
+
+
+def _linear_types() -> tuple[type, ...]:
+    types: tuple[type, ...] = (nn.Linear,)
+    if "transformers" in sys.modules:  # only if the user already imported it: no hard dependency
+        try:
+            from transformers.pytorch_utils import Conv1D
+        except ImportError:  # pragma: no cover - very old/new transformers
+            return types
+        types += (Conv1D,)
+    return types
+
+
+def _name_matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def _module_predicate(
+    model: nn.Module, spec: TargetSpec, exclude: set[str]
+) -> Callable[[str, nn.Module], bool]:
+    if callable(spec):
+        return lambda name, module: bool(spec(name, module))
+    if isinstance(spec, str) and spec == "all-linear":
+        linear = _linear_types()
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        return lambda name, module: isinstance(module, linear) and module is not head and name not in exclude
+    if isinstance(spec, str):
+        regex = re.compile(spec)
+        return lambda name, module: regex.fullmatch(name) is not None
+    patterns = tuple(spec)
+    return lambda name, module: _name_matches(name, patterns)
+
+
+def _hint(spec: TargetSpec, names: list[str]) -> str:
+    """A few existing module names near what the user asked for."""
+    short = sorted({n.rpartition(".")[2] for n in names if n})
+    wanted = [spec] if isinstance(spec, str) else list(spec) if not callable(spec) else []
+    close: list[str] = []
+    for w in wanted:
+        close += difflib.get_close_matches(str(w).rpartition(".")[2], short, n=5, cutoff=0.5)
+    shown = list(dict.fromkeys(close)) or short[:8]
+    text = f"nearby module names: {shown}"
+    if isinstance(spec, str) and spec != "all-linear":
+        text += (
+            f"; a single string is a regex matched against the whole name: use [{spec!r}] to match by suffix"
+        )
+    return text
+
+
+def _ordered(module: nn.Module, chosen: set[str]) -> list[str]:
+    """Chosen parameter names of one module in canonical order: weight, bias, then the rest."""
+    own = [n for n, _ in module.named_parameters(recurse=False)]
+    first = [n for n in ("weight", "bias") if n in chosen]
+    return first + [n for n in own if n in chosen and n not in first]
+
+
+def resolve(
+    model: nn.Module,
+    *,
+    targets: TargetSpec | None,
+    target_parameters: Sequence[str] = (),
+    bias: str = "none",
+    exclude: Sequence[str] = (),
+    exact: Sequence[str] | None = None,
+) -> Layout:
+    """Select the target tensors of ``model`` and lay them out in canonical order. Changes nothing.
+
+    ``exact`` (a list of qualified parameter names) replaces the selection rules; ``load`` uses it
+    to rebuild a saved layout. Raises :class:`TargetError` on any unusable selection.
+    """
+    excluded = set(exclude)
+    match_module = None if targets is None else _module_predicate(model, targets, excluded)
+    wanted_exact = None if exact is None else set(exact)
+    modules = [(n, m) for n, m in model.named_modules() if "parametrizations" not in n.split(".")]
+
+    picked: list[tuple[str, nn.Module, str]] = []
+    for mod_name, module in modules:
+        if mod_name in excluded or any(mod_name.startswith(e + ".") for e in excluded):
+            continue
+        own = dict(module.named_parameters(recurse=False))
+        prefix = mod_name + "." if mod_name else ""
+        chosen: set[str] = set()
+        if wanted_exact is not None:
+            chosen = {p for p in own if prefix + p in wanted_exact}
+        else:
+            if match_module is not None and "weight" in own and match_module(mod_name, module):
+                chosen.add("weight")
+                if bias == "all" and own.get("bias") is not None:
+                    chosen.add("bias")
+            chosen |= {p for p in own if _name_matches(prefix + p, target_parameters)}
+        picked += [(prefix + p, module, p) for p in _ordered(module, chosen)]
+
+    all_names = [n for n, _ in modules]
+    if not picked:
+        asked = targets if targets is not None else list(target_parameters)
+        raise TargetError(
+            f"no target matched targets={targets!r}, target_parameters={list(target_parameters)!r} "
+            f"in {type(model).__name__}; every GPart run needs at least one target tensor. "
+            f"Fix the patterns ({_hint(asked, all_names)})."
+        )
+    if wanted_exact is not None:
+        missing = wanted_exact - {name for name, _, _ in picked}
+        if missing:
+            raise TargetError(
+                f"parameters {sorted(missing)} do not exist in {type(model).__name__}; the layout "
+                "names tensors the model must have. Use the model architecture the adapter was made for."
+            )
+
+    _check_tensors(model, picked)
+    out, offset = [], 0
+    for name, module, pname in picked:
+        shape = tuple(getattr(module, pname).shape)
+        out.append(Target(name=name, shape=shape, offset=offset))
+        offset += out[-1].numel
+    return Layout(tuple(out))
+
+
+def _check_tensors(model: nn.Module, picked: list[tuple[str, nn.Module, str]]) -> None:
+    from torch.nn.utils import parametrize
+
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    for name, module, pname in picked:
+        tensor = getattr(module, pname)
+        if parametrize.is_parametrized(module, pname):
+            raise TargetError(
+                f"target {name!r} already has a parametrization ({type(module).__name__}); gpart "
+                "cannot stack on another parametrization. Remove it first or exclude this module."
+            )
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            dtype = getattr(tensor, "dtype", type(tensor).__name__)
+            raise TargetError(
+                f"target {name!r} has dtype {dtype}; gpart can only add a delta to floating-point "
+                "tensors. Exclude it from the targets (quantized weights: dequantize first)."
+            )
+        names = owners.get(id(tensor), [name])
+        if len(names) > 1:
+            raise TargetError(
+                f"target {name!r} is shared with {[n for n in names if n != name] or names}; a tied "
+                "tensor would receive its delta twice. Untie the weights or leave this tensor out "
+                "of the targets."
+            )
