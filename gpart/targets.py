@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .errors import TargetError
 
@@ -124,9 +125,16 @@ def _hint(spec: TargetSpec, names: list[str]) -> str:
     return text
 
 
-def _ordered(module: nn.Module, chosen: set[str]) -> list[str]:
-    """Chosen parameter names of one module in canonical order: weight, bias, then the rest."""
-    own = [n for n, _ in module.named_parameters(recurse=False)]
+def _own_tensors(module: nn.Module) -> list[str]:
+    """Names of a module's own parameters, parametrized ones included, in registration order."""
+    names = [n for n, p in module._parameters.items() if p is not None]
+    if parametrize.is_parametrized(module):
+        names += [n for n in module.parametrizations if n not in names]
+    return names
+
+
+def _ordered(own: list[str], chosen: set[str]) -> list[str]:
+    """Chosen tensor names of one module in canonical order: weight, bias, then the rest."""
     first = [n for n in ("weight", "bias") if n in chosen]
     return first + [n for n in own if n in chosen and n not in first]
 
@@ -154,7 +162,7 @@ def resolve(
     for mod_name, module in modules:
         if mod_name in excluded or any(mod_name.startswith(e + ".") for e in excluded):
             continue
-        own = dict(module.named_parameters(recurse=False))
+        own = _own_tensors(module)
         prefix = mod_name + "." if mod_name else ""
         chosen: set[str] = set()
         if wanted_exact is not None:
@@ -162,10 +170,10 @@ def resolve(
         else:
             if match_module is not None and "weight" in own and match_module(mod_name, module):
                 chosen.add("weight")
-                if bias == "all" and own.get("bias") is not None:
+                if bias == "all" and "bias" in own:
                     chosen.add("bias")
             chosen |= {p for p in own if _name_matches(prefix + p, target_parameters)}
-        picked += [(prefix + p, module, p) for p in _ordered(module, chosen)]
+        picked += [(prefix + p, module, p) for p in _ordered(own, chosen)]
 
     all_names = [n for n, _ in modules]
     if not picked:
@@ -193,8 +201,6 @@ def resolve(
 
 
 def _check_tensors(model: nn.Module, picked: list[tuple[str, nn.Module, str]]) -> None:
-    from torch.nn.utils import parametrize
-
     owners: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(name)
