@@ -108,9 +108,9 @@ def test_bad_trainable_and_target_types(mlp):
 
 
 def test_not_a_module():
-    with pytest.raises(ConfigError, match="expected a torch.nn.Module"):
+    with pytest.raises(ConfigError, match=r"expected a torch\.nn\.Module"):
         gpart.apply("model", d=1, seed=0)
-    with pytest.raises(ConfigError, match="expected a torch.nn.Module"):
+    with pytest.raises(ConfigError, match=r"expected a torch\.nn\.Module"):
         gpart.theta(42)
 
 
@@ -203,7 +203,9 @@ def test_load_layout_mismatch_lists_every_difference(saved, tmp_path):
     path, _ = saved
     other = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 13), nn.Tanh(), nn.Linear(13, 3))
     gpart.apply(other, d=10, seed=6, trainable=["4"])
-    err = _fails(other, LayoutError, "2 difference(s)", "seed: file 5, model 6", call=lambda: gpart.load(other, path))
+    err = _fails(
+        other, LayoutError, "2 difference(s)", "seed: file 5, model 6", call=lambda: gpart.load(other, path)
+    )
     assert "target 1: file ('2.weight', [12, 12]), model ('2.weight', [13, 12])" in str(err)
 
 
@@ -212,7 +214,9 @@ def test_load_into_wrong_plain_architecture(saved):
     other = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 13), nn.Tanh(), nn.Linear(13, 3))
     _fails(other, LayoutError, "target 1: file ('2.weight', [12, 12])", call=lambda: gpart.load(other, path))
     smaller = nn.Sequential(nn.Linear(6, 12))
-    _fails(smaller, LayoutError, "does not fit", "'4' matches no module", call=lambda: gpart.load(smaller, path))
+    _fails(
+        smaller, LayoutError, "does not fit", "'4' matches no module", call=lambda: gpart.load(smaller, path)
+    )
 
 
 def test_load_extras_must_fit(saved, tmp_path):
