@@ -1,67 +1,239 @@
-"""The delta path: theta -> the flat delta of one target interval, and its exact gradient.
+"""The delta path: ``W0 + reshape(P theta)`` for one target interval, and its exact gradient.
 
-This is the one small, swappable piece that turns the partition into numbers. Everything else
-(parametrization, verbs, files) calls only :func:`materialize`.
+This is the one small, swappable piece that turns the partition into numbers; everything else
+calls :func:`effective` (or :func:`materialize` for the bare delta). Two interchangeable kernels
+compute the same bits:
 
-Forward:  ``delta[k] = theta[g] * s[g] * m[k] / (1 - p)`` with ``g = g(start + k)`` and ``m`` the
-          dropout keep-mask (all ones when ``p == 0``).
-Backward: ``grad_theta[j] = s[j] * sum_{k in group j} grad_delta[k] * m[k] / (1 - p)``
-          (``P^T grad``, a segment sum).
+* ``"eager"``: plain torch ops, chunk by chunk (bounded int64 temporaries), any device, no
+  compiler needed. Cost: a dozen memory passes per entry.
+* ``"compiled"``: the whole chain (hash, modulo, gather, dropout mask, add, cast) fused by
+  ``torch.compile`` into one pass that reads W0 and writes W; the modulo avoids integer division
+  (no SIMD form) through an exact float64-assisted reduction. One kernel serves every target
+  (dynamic shapes, scalars passed as tensors). Falls back to eager for d >= 2**31.
 
-Group ids and the dropout mask are *regenerated* in backward from integers (the interval, the
-seed, a dropout key), never saved: gpart keeps nothing whose size grows with D for backward.
-Work is done in chunks so the int64 temporaries stay bounded whatever the target's size.
+Forward:  ``W[k] = W0[k] + theta[g] * s[g] * (m[k] * r)``, with ``g = g(start + k)``, the keep-mask
+          ``m`` (all ones without dropout) and ``r = float32(1 / (1 - p))``, added in float32
+          (float64 for float64 weights) and rounded once to W0's dtype.
+Backward: ``grad_theta[j] = s[j] * sum_{k in group j} grad_W[k] * m[k] * r`` (``P^T grad``).
+
+Group ids and the mask are *regenerated* from integers in backward, never saved: nothing whose
+size grows with D is kept for backward.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-from .partition import DEFAULT_CHUNK, _shr, _splitmix64, group_ids
+from .partition import (
+    DEFAULT_CHUNK,
+    FAST_MOD_LIMIT,
+    _hash_base,
+    _mix_,
+    _shr,
+    _umod_fast,
+    group_ids,
+)
 
+__all__ = ["BACKENDS", "effective", "materialize"]
+
+BACKENDS = ("eager", "compiled")
 # The dropout mask compares the top 24 hash bits with an integer threshold: exact on every device.
 _MASK_BITS = 24
+_BACKWARD_CHUNK = 1 << 22
 
 
-def _keep_mask(key: int, start: int, count: int, p: float, device: torch.device) -> torch.Tensor:
-    """Reproducible Bernoulli(1 - p) keep-mask for positions ``[start, start + count)``."""
-    threshold = round(p * (1 << _MASK_BITS))
-    return _shr(_splitmix64(key, start, count, device), 64 - _MASK_BITS) >= threshold
+def _threshold(p: float) -> int:
+    return round(p * (1 << _MASK_BITS))
 
 
-class _GatherScatter(torch.autograd.Function):
-    """``delta = (theta * scale)[g] (* mask)`` forward; segment sum of the gradient backward."""
+def _keep_scale(p: float) -> float:
+    return float(torch.tensor(1.0 / (1.0 - p), dtype=torch.float32))
+
+
+def _acc_dtype(w0_dtype: torch.dtype, table_dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(torch.promote_types(w0_dtype, table_dtype), torch.float32)
+
+
+# ------------------------------------------------------------------------------------------ eager
+
+
+def _eager_mask(key: int, start: int, n: int, p: float, device: torch.device) -> torch.Tensor:
+    return _shr(
+        _mix_(torch.arange(n, dtype=torch.int64, device=device) + _hash_base(key, start)), 64 - _MASK_BITS
+    ) >= (_threshold(p))
+
+
+def _eager_forward(w0, table, start, d, seed, p, key, chunk):
+    flat = w0.reshape(-1)
+    out = torch.empty_like(flat)
+    acc = _acc_dtype(w0.dtype, table.dtype)
+    for lo in range(0, flat.numel(), chunk):
+        n = min(chunk, flat.numel() - lo)
+        part = table[group_ids(start + lo, n, d=d, seed=seed, device=w0.device)]
+        if p > 0.0:
+            keep = _eager_mask(key, start + lo, n, p, w0.device)
+            part = torch.where(keep, part * _keep_scale(p), 0.0)
+        out[lo : lo + n] = (flat[lo : lo + n].to(acc) + part.to(acc)).to(w0.dtype)
+    return out.view(w0.shape)
+
+
+def _eager_segment_sum(grad, start, d, seed, p, key, chunk, dtype):
+    flat = grad.reshape(-1)
+    sums = torch.zeros(d, dtype=dtype, device=grad.device)
+    for lo in range(0, flat.numel(), chunk):
+        n = min(chunk, flat.numel() - lo)
+        part = flat[lo : lo + n].to(dtype)
+        if p > 0.0:
+            keep = _eager_mask(key, start + lo, n, p, grad.device)
+            part = torch.where(keep, part * _keep_scale(p), 0.0)
+        sums.index_add_(0, group_ids(start + lo, n, d=d, seed=seed, device=grad.device), part)
+    return sums
+
+
+# --------------------------------------------------------------------------------------- compiled
+
+
+def _fused_forward(w0, table, base, d, inv_d, two32, kbase, thresh, keep_scale, dropout: bool):
+    idx = torch.arange(w0.numel(), dtype=torch.int64, device=w0.device)
+    part = table[_umod_fast(_mix_(idx + base), d, inv_d, two32)]
+    if dropout:
+        keep = _shr(_mix_(idx + kbase), 64 - _MASK_BITS) >= thresh
+        part = torch.where(keep, part * keep_scale, 0.0)
+    acc = _acc_dtype(w0.dtype, table.dtype)
+    return (w0.reshape(-1).to(acc) + part.to(acc)).to(w0.dtype).view(w0.shape)
+
+
+def _fused_ids_values(
+    grad, dtype: torch.dtype, base, d, inv_d, two32, kbase, thresh, keep_scale, dropout: bool
+):
+    idx = torch.arange(grad.numel(), dtype=torch.int64, device=grad.device)
+    ids = _umod_fast(_mix_(idx + base), d, inv_d, two32)
+    values = grad.to(dtype)
+    if dropout:
+        keep = _shr(_mix_(idx + kbase), 64 - _MASK_BITS) >= thresh
+        values = torch.where(keep, values * keep_scale, 0.0)
+    return ids, values
+
+
+_compiled: dict[str, object] = {}
+
+
+def _compiled_fn(name: str):
+    if name not in _compiled:
+        fn = {"forward": _fused_forward, "ids_values": _fused_ids_values}[name]
+        _compiled[name] = torch.compile(fn, dynamic=True, fullgraph=True)
+    return _compiled[name]
+
+
+def _scalars(start, d, seed, p, key, device, table_dtype):
+    """The per-call integers as 0-d tensors, so that one compiled kernel serves every call."""
+    i64 = {"dtype": torch.int64, "device": device}
+    return (
+        torch.tensor(_hash_base(seed, start), **i64),
+        torch.tensor(d, **i64),
+        torch.tensor(1.0 / d, dtype=torch.float64, device=device),
+        torch.tensor((1 << 32) % d, **i64),
+        torch.tensor(_hash_base(key, start), **i64),
+        torch.tensor(_threshold(p), **i64),
+        torch.tensor(_keep_scale(p) if p > 0 else 1.0, dtype=table_dtype, device=device),
+    )
+
+
+def _compiled_forward(w0, table, start, d, seed, p, key, chunk):
+    if d >= FAST_MOD_LIMIT:
+        return _eager_forward(w0, table, start, d, seed, p, key, chunk)
+    return _compiled_fn("forward")(
+        w0, table, *_scalars(start, d, seed, p, key, w0.device, table.dtype), p > 0.0
+    )
+
+
+def _compiled_segment_sum(grad, start, d, seed, p, key, chunk, dtype):
+    if d >= FAST_MOD_LIMIT:
+        return _eager_segment_sum(grad, start, d, seed, p, key, chunk, dtype)
+    flat = grad.reshape(-1)
+    sums = torch.zeros(d, dtype=dtype, device=grad.device)
+    step = max(chunk, _BACKWARD_CHUNK)  # ids are int64: bound them per chunk
+    for lo in range(0, flat.numel(), step):
+        part = flat[lo : lo + step]
+        scalars = _scalars(start + lo, d, seed, p, key, grad.device, dtype)
+        ids, values = _compiled_fn("ids_values")(part, dtype, *scalars, p > 0.0)
+        sums.index_add_(0, ids, values)
+    return sums
+
+
+_KERNELS = {
+    "eager": (_eager_forward, _eager_segment_sum),
+    "compiled": (_compiled_forward, _compiled_segment_sum),
+}
+
+
+def compiled_available(device: torch.device | str = "cpu") -> bool:
+    """Whether the compiled kernel builds and runs on ``device`` (tried once per device type)."""
+    kind = torch.device(device).type
+    if kind not in _available:
+        try:
+            w0 = torch.zeros(8, device=device)
+            table = torch.ones(3, device=device)
+            ok = torch.equal(_compiled_forward(w0, table, 0, 3, 0, 0.0, 0, DEFAULT_CHUNK), w0 + 1)
+        except Exception as err:  # no C++ compiler or Triton, unsupported platform, ...
+            warnings.warn(f"gpart: compiled kernel unavailable on {kind} ({err}); using eager", stacklevel=2)
+            ok = False
+        _available[kind] = ok
+    return _available[kind]
+
+
+_available: dict[str, bool] = {}
+
+
+# ---------------------------------------------------------------------------------------- autograd
+
+
+class _Effective(torch.autograd.Function):
+    """``W0 + reshape(P theta)`` forward; the segment sum ``P^T grad`` backward (theta only)."""
 
     @staticmethod
-    def forward(ctx, theta, scale, start, numel, d, seed, p, key, chunk):
-        weighted = theta * scale
-        out = torch.empty(numel, dtype=theta.dtype, device=theta.device)
-        for lo in range(0, numel, chunk):
-            n = min(chunk, numel - lo)
-            ids = group_ids(start + lo, n, d=d, seed=seed, device=theta.device)
-            part = torch.index_select(weighted, 0, ids, out=out[lo : lo + n])
-            if p > 0.0:
-                part.mul_(_keep_mask(key, start + lo, n, p, theta.device)).div_(1.0 - p)
+    def forward(ctx, theta, scale, w0, start, seed, p, key, backend, chunk):
+        forward, _ = _KERNELS[backend]
+        out = forward(w0, theta * scale, start, theta.numel(), seed, p, key, chunk)
         ctx.save_for_backward(scale)  # d values: not D-sized
-        ctx.args = (start, numel, d, seed, p, key, chunk)
+        ctx.args = (start, theta.numel(), seed, p, key, chunk, theta.dtype)
+        ctx.backend = backend
         return out
 
     @staticmethod
     def backward(ctx, grad):
         (scale,) = ctx.saved_tensors
-        start, numel, d, seed, p, key, chunk = ctx.args
+        start, d, seed, p, key, chunk, dtype = ctx.args
         grad_theta = None
         if ctx.needs_input_grad[0]:
-            acc = torch.zeros(d, dtype=scale.dtype, device=grad.device)
-            for lo in range(0, numel, chunk):
-                n = min(chunk, numel - lo)
-                ids = group_ids(start + lo, n, d=d, seed=seed, device=grad.device)
-                part = grad[lo : lo + n].to(acc.dtype)
-                if p > 0.0:
-                    part = part * _keep_mask(key, start + lo, n, p, grad.device) / (1.0 - p)
-                acc.index_add_(0, ids, part)
-            grad_theta = acc * scale
+            _, segment_sum = _KERNELS[ctx.backend]
+            grad_theta = segment_sum(grad, start, d, seed, p, key, chunk, dtype) * scale
         return grad_theta, None, None, None, None, None, None, None, None
+
+
+def effective(
+    w0: torch.Tensor,
+    theta: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    start: int,
+    seed: int,
+    dropout: float = 0.0,
+    dropout_key: int = 0,
+    backend: str = "eager",
+    chunk: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
+    """``W0 + reshape(P theta)`` over ``[start, start + W0.numel())``, in W0's dtype; differentiable in theta.
+
+    ``dropout_key`` selects the dropout mask (ignored when ``dropout == 0``); the same key always
+    gives the same mask, which is how backward reproduces it without storing it. ``w0`` never
+    receives a gradient (targets are frozen).
+    """
+    return _Effective.apply(
+        theta, scale.to(theta.dtype), w0.detach(), start, seed, dropout, dropout_key, backend, chunk
+    )
 
 
 def materialize(
@@ -73,13 +245,19 @@ def materialize(
     seed: int,
     dropout: float = 0.0,
     dropout_key: int = 0,
+    backend: str = "eager",
     chunk: int = DEFAULT_CHUNK,
 ) -> torch.Tensor:
-    """Flat delta (dtype of ``theta``) of the interval ``[start, start + numel)``; differentiable in theta.
-
-    ``dropout_key`` selects the dropout mask (ignored when ``dropout == 0``); the same key always
-    gives the same mask, which is how backward reproduces it without storing it.
-    """
-    return _GatherScatter.apply(
-        theta, scale.to(theta.dtype), start, numel, theta.numel(), seed, dropout, dropout_key, chunk
+    """The bare flat delta ``(P theta)[start : start + numel]`` in theta's dtype (tests, analysis)."""
+    zeros = torch.zeros(numel, dtype=theta.dtype, device=theta.device)
+    return effective(
+        zeros,
+        theta,
+        scale,
+        start=start,
+        seed=seed,
+        dropout=dropout,
+        dropout_key=dropout_key,
+        backend=backend,
+        chunk=chunk,
     )

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import _delta
 from .errors import ConfigError, StateError, TargetError
 from .parametrization import GPartConfig, GPartParametrization, GPartState
 from .partition import group_counts, group_scales
@@ -25,6 +26,9 @@ __all__ = ["Summary", "apply", "cached", "disabled", "merge", "remove", "summary
 
 #: Attribute of the root model that holds the :class:`GPartState`.
 STATE_ATTR = "gpart"
+#: ``backend="auto"`` compiles the delta kernel from this many target entries on: below it, the
+#: one-off compilation costs more than the eager kernel ever would.
+AUTO_COMPILE_SIZE = 1 << 22
 _BIAS_MODES = ("none", "all")
 
 
@@ -158,11 +162,42 @@ def _plan(
     return layout, group_scales(counts, isometric=config.isometric)
 
 
+def _check_runtime(backend: object, recompute: object) -> None:
+    if backend not in ("auto", *_delta.BACKENDS):
+        raise ConfigError(
+            f"backend={backend!r}: unknown kernel; use 'auto' (compiled for large D when torch.compile "
+            f"works here), or one of {list(_delta.BACKENDS)}."
+        )
+    if not isinstance(recompute, bool):
+        raise ConfigError(f"recompute={recompute!r}: must be True or False.")
+
+
+def _resolve_backend(backend: str, layout: Layout, device: torch.device) -> str:
+    if backend != "auto":
+        return backend
+    big = layout.size >= AUTO_COMPILE_SIZE
+    return "compiled" if big and _delta.compiled_available(device) else "eager"
+
+
+def _target_modules(model: nn.Module, layout: Layout) -> list[nn.Module]:
+    return list({id(m): m for m in (model.get_submodule(t.module_name) for t in layout.targets)}.values())
+
+
 def _install(
-    model: nn.Module, config: GPartConfig, layout: Layout, scale: torch.Tensor, *, freeze: bool
+    model: nn.Module,
+    config: GPartConfig,
+    layout: Layout,
+    scale: torch.Tensor,
+    *,
+    freeze: bool,
+    backend: str = "auto",
+    recompute: bool = True,
 ) -> nn.Module:
     """Mutate the model; on any failure, undo what was done and re-raise."""
     state = GPartState(config, layout, scale)
+    state.backend = _resolve_backend(backend, layout, scale.device)
+    if not recompute:
+        state.recipes = None
     state.saved_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     # parametrize re-registers a restored tensor last; remember the order so remove can undo that.
     state.saved_order = {
@@ -179,6 +214,10 @@ def _install(
             )
             done.append((module, target.param_name))
         setattr(model, STATE_ATTR, state)
+        if state.recipes is not None:
+            for module in _target_modules(model, layout):
+                module.register_forward_pre_hook(state.recipes.enter)
+                module.register_forward_hook(state.recipes.exit, always_call=True)
         if freeze:
             for name, p in model.named_parameters():
                 if name != f"{STATE_ATTR}.theta":
@@ -191,7 +230,18 @@ def _install(
     return model
 
 
+def _remove_hooks(module: nn.Module, owner: object) -> None:
+    """Drop the forward hooks that are bound methods of ``owner`` (gpart's recompute hooks)."""
+    for hooks in (module._forward_pre_hooks, module._forward_hooks):
+        for key in [k for k, h in hooks.items() if getattr(h, "__self__", None) is owner]:
+            del hooks[key]
+            module._forward_hooks_always_called.pop(key, None)
+
+
 def _uninstall(model: nn.Module, state: GPartState, done: list[tuple[nn.Module, str]]) -> None:
+    if state.recipes is not None:
+        for module, _ in done:
+            _remove_hooks(module, state.recipes)
     for module, pname in reversed(done):
         parametrize.remove_parametrizations(module, pname, leave_parametrized=False)
     for name, order in state.saved_order.items():
@@ -217,6 +267,8 @@ def apply(
     init_bound: float = 0.0,
     trainable: Sequence[str] = (),
     freeze: bool = True,
+    backend: str = "auto",
+    recompute: bool = True,
 ) -> nn.Module:
     """Make ``model`` GPart-trainable in place: one trainable vector ``theta`` of length ``d``.
 
@@ -237,6 +289,10 @@ def apply(
         init_bound: start theta uniform in ``[-b, b]`` instead of zeros.
         trainable: modules left fully trainable (e.g. a classification head), never targets.
         freeze: freeze every other parameter of the model (default True).
+        backend: delta kernel: ``"eager"``, ``"compiled"`` (torch.compile, one fused pass) or
+            ``"auto"`` (compiled when D >= 2**22 and compilation works here). Same bits either way.
+        recompute: rebuild ``W0 + delta`` in backward instead of keeping it alive from forward
+            (saves D values of memory per step; costs one more delta pass).
 
     Returns:
         The same ``model``.
@@ -258,8 +314,9 @@ def apply(
     )
     if not isinstance(freeze, bool):
         raise ConfigError(f"freeze={freeze!r}: must be True or False.")
+    _check_runtime(backend, recompute)
     layout, scale = _plan(model, config, targets=targets, target_parameters=target_parameters)
-    _install(model, config, layout, scale, freeze=freeze)
+    _install(model, config, layout, scale, freeze=freeze, backend=backend, recompute=recompute)
     if config.init_bound > 0:
         with torch.no_grad():
             _state(model).theta.uniform_(-config.init_bound, config.init_bound)

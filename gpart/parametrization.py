@@ -12,6 +12,7 @@ assign=True)``) cannot leave a stale copy behind, and ``theta`` is registered ex
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import asdict, dataclass
 
 import torch
@@ -20,7 +21,7 @@ from torch import nn
 from . import _delta
 from .targets import Layout, Target
 
-__all__ = ["GPartConfig", "GPartParametrization", "GPartState"]
+__all__ = ["GPartConfig", "GPartParametrization", "GPartState", "SaveRecipes"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,116 @@ class GPartConfig:
         return out
 
 
+class _Recipe:
+    """How to rebuild one ``W0 + delta`` in backward: the forward's own inputs, nothing D-sized new."""
+
+    __slots__ = ("backend", "dropout", "key", "scale", "seed", "start", "theta", "version", "w0")
+
+    def __init__(self, w0, theta, scale, *, start, seed, dropout, key, backend) -> None:
+        self.w0, self.theta, self.scale = w0, theta, scale
+        self.start, self.seed, self.dropout, self.key, self.backend = start, seed, dropout, key, backend
+        self.version = theta._version
+
+    def compute(self) -> torch.Tensor:
+        return _delta.effective(
+            self.w0,
+            self.theta,
+            self.scale,
+            start=self.start,
+            seed=self.seed,
+            dropout=self.dropout,
+            dropout_key=self.key,
+            backend=self.backend,
+        )
+
+    def __call__(self) -> torch.Tensor:
+        """Recompute in backward: the forward's value, as long as theta was not changed in between."""
+        if self.theta._version != self.version:
+            raise RuntimeError(
+                "gpart: theta was modified in place between forward and backward, so the weights "
+                "of that forward can no longer be recomputed. Step the optimizer after backward."
+            )
+        with torch.no_grad():
+            return self.compute()
+
+
+class _Saved:
+    """A saved-for-backward view of a gpart weight, stored as its recipe and view geometry."""
+
+    __slots__ = ("geometry", "recipe")
+
+    def __init__(self, recipe: _Recipe, t: torch.Tensor) -> None:
+        self.recipe = recipe
+        self.geometry = (t.size(), t.stride(), t.storage_offset())
+
+
+def _storage_ptr(t: torch.Tensor) -> int | None:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensor subclasses, meta/fake tensors
+        return None
+
+
+class SaveRecipes:
+    """Forward hooks for target modules: recompute ``W0 + delta`` in backward instead of saving it.
+
+    A layer such as ``F.linear`` saves its weight for backward; for a gpart target that weight is a
+    fresh D-sized tensor. While a target module runs its forward, these hooks replace any saved
+    view of a gpart weight by a :class:`_Recipe` (the forward's inputs: W0, theta, the dropout
+    key), and rebuild it when backward unpacks it. Every other saved tensor goes to the hooks that
+    were active before (e.g. ``save_on_cpu``) untouched.
+    """
+
+    def __init__(self) -> None:
+        self.live: dict[int, tuple[weakref.ref, _Recipe]] = {}
+        self.stack: list[torch.autograd.graph.saved_tensors_hooks | None] = []
+
+    @property
+    def active(self) -> bool:
+        return bool(self.stack) and self.stack[-1] is not None
+
+    def register(self, out: torch.Tensor, recipe: _Recipe) -> None:
+        ptr = _storage_ptr(out)
+        if ptr is not None:
+            self.live[ptr] = (weakref.ref(out), recipe)
+
+    def enter(self, module: nn.Module, args) -> None:
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            self.stack.append(None)
+            return
+        try:
+            outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        except (AttributeError, TypeError):  # private API: without it, outer hooks are bypassed
+            outer = None
+        hooks = torch.autograd.graph.saved_tensors_hooks(
+            lambda t: self._pack(t, outer), lambda packed: self._unpack(packed, outer)
+        )
+        hooks.__enter__()
+        self.stack.append(hooks)
+
+    def exit(self, module: nn.Module, args, output) -> None:
+        hooks = self.stack.pop()
+        if hooks is not None:
+            hooks.__exit__(None, None, None)
+        if not self.stack:
+            self.live.clear()
+
+    def _pack(self, t: torch.Tensor, outer):
+        entry = self.live.get(_storage_ptr(t)) if type(t) is torch.Tensor else None
+        if entry is not None and entry[0]() is not None:
+            return _Saved(entry[1], t)
+        return t.detach() if outer is None else (outer[1], outer[0](t))
+
+    @staticmethod
+    def _unpack(packed, outer) -> torch.Tensor:
+        if isinstance(packed, _Saved):
+            return packed.recipe().as_strided(*packed.geometry)
+        if outer is None:
+            return packed
+        unpack, inner = packed
+        return unpack(inner)
+
+
 class GPartState(nn.Module):
     """Holds ``theta`` (fp32, length d), the group scales, the settings and the layout."""
 
@@ -49,6 +160,8 @@ class GPartState(nn.Module):
         self.config = config
         self.layout = layout
         self.enabled = True
+        self.backend = "eager"  # which kernel of gpart._delta computes the deltas
+        self.recipes: SaveRecipes | None = SaveRecipes()  # None: save W0 + delta for backward
         self.theta = nn.Parameter(torch.zeros(config.d, dtype=torch.float32, device=scale.device))
         # Derived from the seed, so not part of state_dict: a checkpoint holds theta alone.
         self.register_buffer("scale", scale, persistent=False)
@@ -100,17 +213,20 @@ class GPartParametrization(nn.Module):
     def effective(self, w0: torch.Tensor, *, dropout: float) -> torch.Tensor:
         """``W0 + delta`` with the given dropout probability (0 for merging and evaluation)."""
         state: GPartState = self.state
-        key = int(torch.randint(0, 1 << 62, ())) if dropout > 0.0 else 0
-        delta = _delta.materialize(
+        recipe = _Recipe(
+            w0.detach(),
             state.theta.to(w0.device),
             state.scale.to(w0.device),
             start=self.start,
-            numel=self.numel,
             seed=state.config.seed,
             dropout=dropout,
-            dropout_key=key,
+            key=int(torch.randint(0, 1 << 62, ())) if dropout > 0.0 else 0,
+            backend=state.backend,
         )
-        return w0 + delta.view(w0.shape).to(w0.dtype)
+        out = recipe.compute()
+        if state.recipes is not None and state.recipes.active and out.requires_grad:
+            state.recipes.register(out, recipe)
+        return out
 
     def extra_repr(self) -> str:
         return f"start={self.start}, numel={self.numel}"

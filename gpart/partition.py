@@ -63,16 +63,52 @@ def _umod(z: torch.Tensor, d: int) -> torch.Tensor:
     return r
 
 
-def _splitmix64(key: int, start: int, count: int, device: torch.device | str | None) -> torch.Tensor:
-    """SplitMix64 output of ``key + start + k`` for ``k`` in ``[0, count)``, as int64 bit patterns."""
-    z = torch.arange(count, dtype=torch.int64, device=device)
-    z += _as_int64(key + start + _GOLDEN)  # wraps modulo 2**64, like uint64
+def _mix_(z: torch.Tensor) -> torch.Tensor:
+    """SplitMix64 output function, in place, on int64 bit patterns (eager and compiled alike)."""
     z ^= _shr(z, 30)
     z *= _as_int64(_MIX1)
     z ^= _shr(z, 27)
     z *= _as_int64(_MIX2)
     z ^= _shr(z, 31)
     return z
+
+
+def _splitmix64(key: int, start: int, count: int, device: torch.device | str | None) -> torch.Tensor:
+    """SplitMix64 output of ``key + start + k`` for ``k`` in ``[0, count)``, as int64 bit patterns."""
+    z = torch.arange(count, dtype=torch.int64, device=device)
+    z += _hash_base(key, start)  # wraps modulo 2**64, like uint64
+    return _mix_(z)
+
+
+def _hash_base(key: int, start: int) -> int:
+    """The int64 that ``arange(count)`` is offset by before mixing (see :func:`_splitmix64`)."""
+    return _as_int64(key + start + _GOLDEN)
+
+
+#: :func:`_umod_fast` is exact for d below this bound (products stay below 2**63).
+FAST_MOD_LIMIT = 1 << 31
+
+
+def _mod_small(x: torch.Tensor, d, inv_d) -> torch.Tensor:
+    """``x mod d`` for ``0 <= x < 2**63`` with ``x / d < 2**51``: a float64 quotient estimate is
+    off by at most one, so one correction each way makes it exact."""
+    q = (x.to(torch.float64) * inv_d).floor().to(torch.int64)
+    r = x - q * d
+    r = torch.where(r < 0, r + d, r)
+    return torch.where(r >= d, r - d, r)
+
+
+def _umod_fast(z: torch.Tensor, d, inv_d, two32_mod_d) -> torch.Tensor:
+    """Unsigned ``z mod d`` without integer division (which has no SIMD form), for d < 2**31.
+
+    With ``z = hi * 2**32 + lo``: ``z mod d = ((hi mod d) * (2**32 mod d) + (lo mod d)) mod d``,
+    where every intermediate is below ``d**2 + d < 2**63`` and every quotient below 2**51.
+    ``d``, ``inv_d = 1/d`` (float64) and ``two32_mod_d`` may be 0-d tensors (compiled callers
+    pass tensors so that one compiled kernel serves every d).
+    """
+    hi = _shr(z, 32)
+    lo = z & 0xFFFFFFFF
+    return _mod_small(_mod_small(hi, d, inv_d) * two32_mod_d + _mod_small(lo, d, inv_d), d, inv_d)
 
 
 def group_ids(

@@ -45,6 +45,10 @@ def snapshot(model: nn.Module) -> dict:
         "params": [(n, id(p), p.requires_grad, p.detach().clone()) for n, p in model.named_parameters()],
         "buffers": [(n, b.detach().clone()) for n, b in model.named_buffers()],
         "modules": [(n, type(m)) for n, m in model.named_modules()],
+        "hooks": [
+            (n, len(m._forward_pre_hooks), len(m._forward_hooks), len(m._forward_hooks_always_called))
+            for n, m in model.named_modules()
+        ],
         "attrs": sorted(vars(model)),
     }
 
@@ -52,6 +56,7 @@ def snapshot(model: nn.Module) -> dict:
 def assert_unchanged(model: nn.Module, before: dict) -> None:
     after = snapshot(model)
     assert after["modules"] == before["modules"]
+    assert after["hooks"] == before["hooks"]
     assert after["attrs"] == before["attrs"]
     assert [(n, i, r) for n, i, r, _ in after["params"]] == [(n, i, r) for n, i, r, _ in before["params"]]
     for (_, _, _, a), (_, _, _, b) in zip(after["params"], before["params"], strict=True):

@@ -134,13 +134,15 @@ def test_two_training_forwards_draw_different_masks():
     assert torch.equal(a, model[0].weight)  # the mask follows torch's RNG: reproducible runs
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
-def test_delta_is_cast_once_to_the_weight_dtype(dtype):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_delta_added_in_fp32_and_rounded_once_to_the_weight_dtype(dtype):
     model = nn.Sequential(nn.Linear(16, 16).to(dtype))
     gpart.apply(model, d=8, seed=0, init_bound=0.5)
     w = model[0].weight
     assert w.dtype == dtype and gpart.theta(model).dtype == torch.float32
-    ref = _delta.materialize(gpart.theta(model), model.gpart.scale, start=0, numel=256, seed=0)
-    assert torch.equal(w, model[0].parametrizations.weight.original + ref.view(16, 16).to(dtype))
+    delta = _delta.materialize(gpart.theta(model), model.gpart.scale, start=0, numel=256, seed=0)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    w0 = model[0].parametrizations.weight.original
+    assert torch.equal(w, (w0.to(acc) + delta.view(16, 16).to(acc)).to(dtype))
     w.float().sum().backward()
     assert gpart.theta(model).grad.dtype == torch.float32
