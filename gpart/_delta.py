@@ -36,7 +36,7 @@ from .partition import (
     group_ids,
 )
 
-__all__ = ["BACKENDS", "effective", "materialize"]
+__all__ = ["BACKENDS", "IdsHandoff", "effective", "materialize", "recompute"]
 
 BACKENDS = ("eager", "compiled")
 # The dropout mask compares the top 24 hash bits with an integer threshold: exact on every device.
@@ -65,7 +65,7 @@ def _eager_mask(key: int, start: int, n: int, p: float, device: torch.device) ->
     ) >= (_threshold(p))
 
 
-def _eager_forward(w0, table, start, d, seed, p, key, chunk):
+def _eager_forward(w0, table, start, d, seed, p, key, chunk, keep_ids=None):
     flat = w0.reshape(-1)
     out = torch.empty_like(flat)
     acc = _acc_dtype(w0.dtype, table.dtype)
@@ -79,7 +79,7 @@ def _eager_forward(w0, table, start, d, seed, p, key, chunk):
     return out.view(w0.shape)
 
 
-def _eager_segment_sum(grad, start, d, seed, p, key, chunk, dtype):
+def _eager_segment_sum(grad, start, d, seed, p, key, chunk, dtype, ids=None):
     flat = grad.reshape(-1)
     sums = torch.zeros(d, dtype=dtype, device=grad.device)
     for lo in range(0, flat.numel(), chunk):
@@ -105,6 +105,19 @@ def _fused_forward(w0, table, base, d, inv_d, two32, kbase, thresh, keep_scale, 
     return (w0.reshape(-1).to(acc) + part.to(acc)).to(w0.dtype).view(w0.shape)
 
 
+def _fused_forward_ids(w0, table, base, d, inv_d, two32, kbase, thresh, keep_scale, dropout: bool):
+    """As :func:`_fused_forward`, also returning the int32 group ids (dropped entries: ``d``)."""
+    idx = torch.arange(w0.numel(), dtype=torch.int64, device=w0.device)
+    ids = _umod_fast(_mix_(idx + base), d, inv_d, two32)
+    part = table[ids]
+    if dropout:
+        keep = _shr(_mix_(idx + kbase), 64 - _MASK_BITS) >= thresh
+        part = torch.where(keep, part * keep_scale, 0.0)
+        ids = torch.where(keep, ids, d)
+    acc = _acc_dtype(w0.dtype, table.dtype)
+    return (w0.reshape(-1).to(acc) + part.to(acc)).to(w0.dtype).view(w0.shape), ids.to(torch.int32)
+
+
 def _fused_ids_values(
     grad, dtype: torch.dtype, base, d, inv_d, two32, kbase, thresh, keep_scale, dropout: bool
 ):
@@ -122,7 +135,9 @@ _compiled: dict[str, object] = {}
 
 def _compiled_fn(name: str):
     if name not in _compiled:
-        fn = {"forward": _fused_forward, "ids_values": _fused_ids_values}[name]
+        fn = {"forward": _fused_forward, "forward_ids": _fused_forward_ids, "ids_values": _fused_ids_values}[
+            name
+        ]
         _compiled[name] = torch.compile(fn, dynamic=True, fullgraph=True)
     return _compiled[name]
 
@@ -141,15 +156,23 @@ def _scalars(start, d, seed, p, key, device, table_dtype):
     )
 
 
-def _compiled_forward(w0, table, start, d, seed, p, key, chunk):
+def _compiled_forward(w0, table, start, d, seed, p, key, chunk, keep_ids=None):
     if d >= FAST_MOD_LIMIT:
         return _eager_forward(w0, table, start, d, seed, p, key, chunk)
-    return _compiled_fn("forward")(
-        w0, table, *_scalars(start, d, seed, p, key, w0.device, table.dtype), p > 0.0
-    )
+    scalars = _scalars(start, d, seed, p, key, w0.device, table.dtype)
+    if keep_ids is None:
+        return _compiled_fn("forward")(w0, table, *scalars, p > 0.0)
+    out, ids = _compiled_fn("forward_ids")(w0, table, *scalars, p > 0.0)
+    keep_ids(ids)
+    return out
 
 
-def _compiled_segment_sum(grad, start, d, seed, p, key, chunk, dtype):
+def _compiled_segment_sum(grad, start, d, seed, p, key, chunk, dtype, ids=None):
+    if ids is not None:  # handed over by the recompute of this very weight: no second hash pass
+        values = grad.reshape(-1).to(dtype)
+        if p > 0.0:
+            values = values * _keep_scale(p)
+        return torch.zeros(d + 1, dtype=dtype, device=grad.device).index_add_(0, ids, values)[:d]
     if d >= FAST_MOD_LIMIT:
         return _eager_segment_sum(grad, start, d, seed, p, key, chunk, dtype)
     flat = grad.reshape(-1)
@@ -190,16 +213,34 @@ _available: dict[str, bool] = {}
 # ---------------------------------------------------------------------------------------- autograd
 
 
+class IdsHandoff:
+    """Group ids computed by backward's recompute of a weight, kept for that weight's segment sum.
+
+    Backward first rebuilds ``W0 + delta`` (the consumer layer needs it for the input gradient),
+    then needs the group ids again for ``P^T grad``; the compiled kernel hands its ids over here
+    instead of hashing twice. Entries are keyed by call and taken (removed) by the segment sum.
+    """
+
+    def __init__(self) -> None:
+        self.ids: dict[tuple[int, int], torch.Tensor] = {}
+
+    def put(self, start: int, key: int):
+        return lambda ids: self.ids.__setitem__((start, key), ids)
+
+    def take(self, start: int, key: int) -> torch.Tensor | None:
+        return self.ids.pop((start, key), None)
+
+
 class _Effective(torch.autograd.Function):
     """``W0 + reshape(P theta)`` forward; the segment sum ``P^T grad`` backward (theta only)."""
 
     @staticmethod
-    def forward(ctx, theta, scale, w0, start, seed, p, key, backend, chunk):
+    def forward(ctx, theta, scale, w0, start, seed, p, key, backend, chunk, handoff):
         forward, _ = _KERNELS[backend]
         out = forward(w0, theta * scale, start, theta.numel(), seed, p, key, chunk)
         ctx.save_for_backward(scale)  # d values: not D-sized
         ctx.args = (start, theta.numel(), seed, p, key, chunk, theta.dtype)
-        ctx.backend = backend
+        ctx.backend, ctx.handoff = backend, handoff
         return out
 
     @staticmethod
@@ -209,8 +250,9 @@ class _Effective(torch.autograd.Function):
         grad_theta = None
         if ctx.needs_input_grad[0]:
             _, segment_sum = _KERNELS[ctx.backend]
-            grad_theta = segment_sum(grad, start, d, seed, p, key, chunk, dtype) * scale
-        return grad_theta, None, None, None, None, None, None, None, None
+            ids = ctx.handoff.take(start, key) if ctx.handoff is not None else None
+            grad_theta = segment_sum(grad, start, d, seed, p, key, chunk, dtype, ids) * scale
+        return grad_theta, None, None, None, None, None, None, None, None, None
 
 
 def effective(
@@ -224,16 +266,47 @@ def effective(
     dropout_key: int = 0,
     backend: str = "eager",
     chunk: int = DEFAULT_CHUNK,
+    handoff: IdsHandoff | None = None,
 ) -> torch.Tensor:
     """``W0 + reshape(P theta)`` over ``[start, start + W0.numel())``, in W0's dtype; differentiable in theta.
 
     ``dropout_key`` selects the dropout mask (ignored when ``dropout == 0``); the same key always
     gives the same mask, which is how backward reproduces it without storing it. ``w0`` never
-    receives a gradient (targets are frozen).
+    receives a gradient (targets are frozen). ``handoff`` lets backward reuse the group ids of a
+    recompute (see :func:`recompute`).
     """
     return _Effective.apply(
-        theta, scale.to(theta.dtype), w0.detach(), start, seed, dropout, dropout_key, backend, chunk
+        theta, scale.to(theta.dtype), w0.detach(), start, seed, dropout, dropout_key, backend, chunk, handoff
     )
+
+
+def recompute(
+    w0: torch.Tensor,
+    theta: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    start: int,
+    seed: int,
+    dropout: float,
+    dropout_key: int,
+    backend: str,
+    handoff: IdsHandoff | None,
+) -> torch.Tensor:
+    """The value of :func:`effective` again (no autograd), handing the group ids to ``handoff``."""
+    forward, _ = _KERNELS[backend]
+    keep = handoff.put(start, dropout_key) if handoff is not None and backend == "compiled" else None
+    with torch.no_grad():
+        return forward(
+            w0,
+            theta * scale.to(theta.dtype),
+            start,
+            theta.numel(),
+            seed,
+            dropout,
+            dropout_key,
+            DEFAULT_CHUNK,
+            keep,
+        )
 
 
 def materialize(

@@ -45,11 +45,12 @@ class GPartConfig:
 class _Recipe:
     """How to rebuild one ``W0 + delta`` in backward: the forward's own inputs, nothing D-sized new."""
 
-    __slots__ = ("backend", "dropout", "key", "scale", "seed", "start", "theta", "version", "w0")
+    __slots__ = ("backend", "dropout", "handoff", "key", "scale", "seed", "start", "theta", "version", "w0")
 
-    def __init__(self, w0, theta, scale, *, start, seed, dropout, key, backend) -> None:
+    def __init__(self, w0, theta, scale, *, start, seed, dropout, key, backend, handoff=None) -> None:
         self.w0, self.theta, self.scale = w0, theta, scale
         self.start, self.seed, self.dropout, self.key, self.backend = start, seed, dropout, key, backend
+        self.handoff = handoff
         self.version = theta._version
 
     def compute(self) -> torch.Tensor:
@@ -62,6 +63,7 @@ class _Recipe:
             dropout=self.dropout,
             dropout_key=self.key,
             backend=self.backend,
+            handoff=self.handoff,
         )
 
     def __call__(self) -> torch.Tensor:
@@ -71,8 +73,17 @@ class _Recipe:
                 "gpart: theta was modified in place between forward and backward, so the weights "
                 "of that forward can no longer be recomputed. Step the optimizer after backward."
             )
-        with torch.no_grad():
-            return self.compute()
+        return _delta.recompute(
+            self.w0,
+            self.theta,
+            self.scale,
+            start=self.start,
+            seed=self.seed,
+            dropout=self.dropout,
+            dropout_key=self.key,
+            backend=self.backend,
+            handoff=self.handoff,
+        )
 
 
 class _Saved:
@@ -103,6 +114,7 @@ class SaveRecipes:
     """
 
     def __init__(self) -> None:
+        self.handoff = _delta.IdsHandoff()
         self.live: dict[int, tuple[weakref.ref, _Recipe]] = {}
         self.stack: list[torch.autograd.graph.saved_tensors_hooks | None] = []
 
@@ -222,6 +234,7 @@ class GPartParametrization(nn.Module):
             dropout=dropout,
             key=int(torch.randint(0, 1 << 62, ())) if dropout > 0.0 else 0,
             backend=state.backend,
+            handoff=state.recipes.handoff if state.recipes is not None else None,
         )
         out = recipe.compute()
         if state.recipes is not None and state.recipes.active and out.requires_grad:
