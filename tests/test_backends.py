@@ -67,8 +67,11 @@ def test_compiled_matches_eager_bit_for_bit(dtype, dropout):
 
 
 @compiled
-def test_compiled_model_trains_like_eager():
+def test_compiled_model_trains_like_eager(monkeypatch):
     """Also covers the id hand-over from backward's recompute to the segment sum (with dropout)."""
+    taken = []
+    real_take = _delta.IdsHandoff.take
+    monkeypatch.setattr(_delta.IdsHandoff, "take", lambda self, *a: taken.append(real_take(self, *a)) or taken[-1])
     x = torch.randn(16, 8)
     results = []
     for backend in ("eager", "compiled"):
@@ -85,6 +88,10 @@ def test_compiled_model_trains_like_eager():
             assert model.gpart.recipes.handoff.ids == {}  # every handed-over id tensor was used
         results.append(gpart.theta(model).detach().clone())
     assert torch.equal(results[0], results[1])
+    handed = [t is not None for t in taken]
+    # Eager never hands ids over. Compiled does for layer 2, whose weight is saved (for the input
+    # gradient) and recomputed; layer 0's input needs no gradient, so its weight is never saved.
+    assert handed == [False] * 6 + [True, False] * 3
 
 
 def test_auto_backend_picks_eager_for_small_models(monkeypatch):
