@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "backend": rs[0].get("backend"),
                 "times": times,
             }
-        for method, s in summary.items():
+        for s in summary.values():
             for base in ("full", "reference", "floor"):
                 if base in summary:
                     s[f"x_{base}"] = s["median_s"] / summary[base]["median_s"]

@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 from . import _delta
 from .errors import ConfigError, StateError, TargetError
 from .parametrization import GPartConfig, GPartParametrization, GPartState
-from .partition import group_counts, group_scales
+from .partition import group_scales
 from .targets import Layout, TargetSpec, _hint, _name_matches, resolve
 
 __all__ = ["Summary", "apply", "cached", "disabled", "merge", "remove", "summary", "theta"]
@@ -119,7 +119,8 @@ def _plan(
     targets: TargetSpec | None,
     target_parameters: Sequence[str],
     exact: Sequence[str] | None = None,
-) -> tuple[Layout, torch.Tensor]:
+    backend: str = "auto",
+) -> tuple[Layout, torch.Tensor, str]:
     """All checks and all computation of ``apply``, without touching the model."""
     if not isinstance(model, nn.Module):
         raise ConfigError(f"expected a torch.nn.Module, got {type(model).__name__}.")
@@ -158,8 +159,9 @@ def _plan(
         )
     first = model.get_parameter(layout.targets[0].name)
     device = torch.device("cpu") if first.device.type == "meta" else first.device
-    counts = group_counts(layout.size, d=config.d, seed=config.seed, device=device)
-    return layout, group_scales(counts, isometric=config.isometric)
+    backend = _resolve_backend(backend, layout, device)
+    counts = _delta.count_groups(layout.size, d=config.d, seed=config.seed, backend=backend, device=device)
+    return layout, group_scales(counts, isometric=config.isometric), backend
 
 
 def _check_runtime(backend: object, recompute: object) -> None:
@@ -190,12 +192,12 @@ def _install(
     scale: torch.Tensor,
     *,
     freeze: bool,
-    backend: str = "auto",
+    backend: str = "eager",
     recompute: bool = True,
 ) -> nn.Module:
     """Mutate the model; on any failure, undo what was done and re-raise."""
     state = GPartState(config, layout, scale)
-    state.backend = _resolve_backend(backend, layout, scale.device)
+    state.backend = backend
     if not recompute:
         state.recipes = None
     state.saved_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -315,7 +317,9 @@ def apply(
     if not isinstance(freeze, bool):
         raise ConfigError(f"freeze={freeze!r}: must be True or False.")
     _check_runtime(backend, recompute)
-    layout, scale = _plan(model, config, targets=targets, target_parameters=target_parameters)
+    layout, scale, backend = _plan(
+        model, config, targets=targets, target_parameters=target_parameters, backend=backend
+    )
     _install(model, config, layout, scale, freeze=freeze, backend=backend, recompute=recompute)
     if config.init_bound > 0:
         with torch.no_grad():

@@ -89,26 +89,30 @@ def _hash_base(key: int, start: int) -> int:
 FAST_MOD_LIMIT = 1 << 31
 
 
-def _mod_small(x: torch.Tensor, d, inv_d) -> torch.Tensor:
-    """``x mod d`` for ``0 <= x < 2**63`` with ``x / d < 2**51``: a float64 quotient estimate is
-    off by at most one, so one correction each way makes it exact."""
-    q = (x.to(torch.float64) * inv_d).floor().to(torch.int64)
-    r = x - q * d
-    r = torch.where(r < 0, r + d, r)
-    return torch.where(r >= d, r - d, r)
+def _fmod32(x: torch.Tensor, d_f, inv_d) -> torch.Tensor:
+    """``x mod d`` in float64 for integer-valued ``0 <= x < 2**32``: every step is exact
+    (values below 2**53) and the quotient estimate is off by at most one."""
+    r = x - (x * inv_d).floor() * d_f
+    r = torch.where(r < 0, r + d_f, r)
+    return torch.where(r >= d_f, r - d_f, r)
 
 
 def _umod_fast(z: torch.Tensor, d, inv_d, two32_mod_d) -> torch.Tensor:
     """Unsigned ``z mod d`` without integer division (which has no SIMD form), for d < 2**31.
 
-    With ``z = hi * 2**32 + lo``: ``z mod d = ((hi mod d) * (2**32 mod d) + (lo mod d)) mod d``,
-    where every intermediate is below ``d**2 + d < 2**63`` and every quotient below 2**51.
-    ``d``, ``inv_d = 1/d`` (float64) and ``two32_mod_d`` may be 0-d tensors (compiled callers
-    pass tensors so that one compiled kernel serves every d).
+    With ``z = hi * 2**32 + lo``: ``z mod d = ((hi mod d) * (2**32 mod d) + (lo mod d)) mod d``.
+    The two inner reductions run in float64 (exact below 2**53); the outer one sees
+    ``t < d**2 + d < 2**63`` with a float64 quotient off by at most one, so a correction each way
+    makes it exact. ``d``, ``inv_d = 1/d`` (float64) and ``two32_mod_d`` may be 0-d tensors
+    (compiled callers pass tensors so that one compiled kernel serves every d).
     """
-    hi = _shr(z, 32)
-    lo = z & 0xFFFFFFFF
-    return _mod_small(_mod_small(hi, d, inv_d) * two32_mod_d + _mod_small(lo, d, inv_d), d, inv_d)
+    d_f = d.to(torch.float64) if isinstance(d, torch.Tensor) else float(d)
+    hi = _shr(z, 32).to(torch.float64)
+    lo = (z & 0xFFFFFFFF).to(torch.float64)
+    t = _fmod32(hi, d_f, inv_d).to(torch.int64) * two32_mod_d + _fmod32(lo, d_f, inv_d).to(torch.int64)
+    r = t - (t.to(torch.float64) * inv_d).floor().to(torch.int64) * d
+    r = torch.where(r < 0, r + d, r)
+    return torch.where(r >= d, r - d, r)
 
 
 def group_ids(

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ._version import __version__
-from .core import _find_state, _install, _plan, _state
+from .core import _check_runtime, _find_state, _install, _plan, _state
 from .errors import FormatError, GPartError, LayoutError
 from .parametrization import GPartConfig
 from .partition import ALGORITHM
@@ -225,11 +225,14 @@ def _check_extras(path: Path, model: nn.Module, tensors: dict[str, torch.Tensor]
     return out
 
 
-def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+def load(
+    model: nn.Module, path: str | os.PathLike, *, backend: str = "auto", recompute: bool = True
+) -> nn.Module:
     """Load an adapter file into ``model`` and return the model.
 
-    On a model without gpart, applies gpart with the file's settings and target list first; on an
-    adapted model, verifies that settings and layout match. Any mismatch raises one
+    On a model without gpart, applies gpart with the file's settings and target list first
+    (``backend`` and ``recompute`` as in :func:`gpart.apply`); on an adapted model, verifies that
+    settings and layout match. Any mismatch raises one
     :class:`LayoutError` that lists every difference, and leaves the model untouched.
 
     >>> import tempfile, torch, gpart
@@ -244,6 +247,7 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     >>> torch.equal(fresh(torch.ones(1, 4)), model(torch.ones(1, 4)))
     True
     """
+    _check_runtime(backend, recompute)
     path = Path(path)
     tensors, metadata = read(path)
     config, entries = _parse(path, metadata)
@@ -252,7 +256,9 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if state is None:
         names = [n for n, _ in entries]
         try:
-            layout, scale = _plan(model, config, targets=None, target_parameters=(), exact=names)
+            layout, scale, backend = _plan(
+                model, config, targets=None, target_parameters=(), exact=names, backend=backend
+            )
         except GPartError as err:
             raise LayoutError(f"{str(path)!r} does not fit {type(model).__name__}: {err}") from None
         diffs = _layout_differences(None, layout.entries(), config, entries)
@@ -266,7 +272,7 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         )
     extras = _check_extras(path, model, tensors)
     if state is None:
-        _install(model, config, layout, scale, freeze=True)
+        _install(model, config, layout, scale, freeze=True, backend=backend, recompute=recompute)
         state = _state(model)
     with torch.no_grad():
         state.theta.copy_(theta)

@@ -71,7 +71,9 @@ def test_compiled_model_trains_like_eager(monkeypatch):
     """Also covers the id hand-over from backward's recompute to the segment sum (with dropout)."""
     taken = []
     real_take = _delta.IdsHandoff.take
-    monkeypatch.setattr(_delta.IdsHandoff, "take", lambda self, *a: taken.append(real_take(self, *a)) or taken[-1])
+    monkeypatch.setattr(
+        _delta.IdsHandoff, "take", lambda self, *a: taken.append(real_take(self, *a)) or taken[-1]
+    )
     x = torch.randn(16, 8)
     results = []
     for backend in ("eager", "compiled"):
@@ -116,3 +118,15 @@ def test_runtime_options_are_checked(option, value):
 def test_compiled_kernel_builds_where_a_compiler_exists():
     # compiled_available() turns any failure into "use eager": make sure that is not hiding a bug.
     assert _delta.compiled_available()
+
+
+@compiled
+@pytest.mark.parametrize(
+    ("size", "d", "seed", "chunk"), [(10_000, 97, 5, 4096), (5003, 5003, -(2**70), 1000), (1, 1, 0, 7)]
+)
+def test_compiled_group_counting_matches_eager(size, d, seed, chunk):
+    from gpart.partition import group_counts
+
+    expected = group_counts(size, d=d, seed=seed)
+    got = _delta.count_groups(size, d=d, seed=seed, backend="compiled", device="cpu", chunk=chunk)
+    assert torch.equal(got, expected)
