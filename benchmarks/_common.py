@@ -27,7 +27,8 @@ from torch import nn
 import gpart
 from gpart.partition import group_counts, group_ids, group_scales
 
-RESULTS = Path(__file__).parent / "results"
+# Smoke tests point this elsewhere so that they never overwrite published results.
+RESULTS = Path(os.environ.get("GPART_BENCH_RESULTS", Path(__file__).parent / "results"))
 METHODS = ("floor", "full", "lora", "reference", "gpart")
 
 
@@ -39,7 +40,14 @@ def build(config: str, dtype: torch.dtype = torch.float32):
     import transformers
 
     torch.manual_seed(0)
-    if config == "llama":  # (a) Llama-like decoder, all linear layers of the blocks
+    if config == "tiny":  # smoke tests only
+        cfg = transformers.RobertaConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100
+        )
+        model = transformers.RobertaForSequenceClassification(cfg)
+        batch = {"input_ids": torch.randint(3, 100, (2, 16)), "labels": torch.randint(0, 2, (2,))}
+        targets, d = ["query", "value"], 64
+    elif config == "llama":  # (a) Llama-like decoder, all linear layers of the blocks
         cfg = transformers.LlamaConfig(
             hidden_size=512,
             intermediate_size=2048,

@@ -60,10 +60,14 @@ def _acc_dtype(w0_dtype: torch.dtype, table_dtype: torch.dtype) -> torch.dtype:
 # ------------------------------------------------------------------------------------------ eager
 
 
+def _keep_mask(idx: torch.Tensor, kbase, thresh) -> torch.Tensor:
+    """Dropout keep-mask of positions ``idx`` (offsets from the key's base): top 24 hash bits vs threshold."""
+    return _shr(_mix_(idx + kbase), 64 - _MASK_BITS) >= thresh
+
+
 def _eager_mask(key: int, start: int, n: int, p: float, device: torch.device) -> torch.Tensor:
-    return _shr(
-        _mix_(torch.arange(n, dtype=torch.int64, device=device) + _hash_base(key, start)), 64 - _MASK_BITS
-    ) >= (_threshold(p))
+    idx = torch.arange(n, dtype=torch.int64, device=device)
+    return _keep_mask(idx, _hash_base(key, start), _threshold(p))
 
 
 def _eager_forward(w0, table, start, d, seed, p, key, chunk, keep_ids=None):
@@ -95,13 +99,25 @@ def _eager_segment_sum(grad, start, d, seed, p, key, chunk, dtype, ids=None):
 # --------------------------------------------------------------------------------------- compiled
 
 
+def _fused_ids_keep(n, device, base, d, inv_d, two32, kbase, thresh, dropout: bool):
+    """Group ids (int64) and the keep-mask (None without dropout) of ``n`` consecutive positions."""
+    idx = torch.arange(n, dtype=torch.int64, device=device)
+    ids = _umod_fast(_mix_(idx + base), d, inv_d, two32)
+    return ids, (_keep_mask(idx, kbase, thresh) if dropout else None)
+
+
 def _fused_forward(w0, table, base, d, inv_d, two32, kbase, thresh, keep_scale, dropout: bool):
-    idx = torch.arange(w0.numel(), dtype=torch.int64, device=w0.device)
-    part = table[_umod_fast(_mix_(idx + base), d, inv_d, two32)]
-    if dropout:
-        keep = _shr(_mix_(idx + kbase), 64 - _MASK_BITS) >= thresh
+    return _fused_forward_ids(w0, table, base, d, inv_d, two32, kbase, thresh, keep_scale, dropout)[0]
+
+
+def _fused_forward_ids(w0, table, base, d, inv_d, two32, kbase, thresh, keep_scale, dropout: bool):
+    """``W0 + delta`` and the int32 group ids (dropped entries: ``d``); inductor drops what is unused."""
+    ids, keep = _fused_ids_keep(w0.numel(), w0.device, base, d, inv_d, two32, kbase, thresh, dropout)
+    part = table[ids]
+    if keep is not None:
         part = torch.where(keep, part * keep_scale, 0.0)
-    return _add(w0, part)
+        ids = torch.where(keep, ids, d)
+    return _add(w0, part), ids.to(torch.int32)  # d < 2**31
 
 
 def _add(w0: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
@@ -114,31 +130,17 @@ def _add(w0: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
     return (w0.to(acc) + part.to(acc)).to(w0.dtype)
 
 
-def _fused_forward_ids(w0, table, base, d, inv_d, two32, kbase, thresh, keep_scale, dropout: bool):
-    """As :func:`_fused_forward`, also returning the int32 group ids (dropped entries: ``d``)."""
-    idx = torch.arange(w0.numel(), dtype=torch.int64, device=w0.device)
-    ids = _umod_fast(_mix_(idx + base), d, inv_d, two32)
-    part = table[ids]
-    if dropout:
-        keep = _shr(_mix_(idx + kbase), 64 - _MASK_BITS) >= thresh
-        part = torch.where(keep, part * keep_scale, 0.0)
-        ids = torch.where(keep, ids, d)
-    return _add(w0, part), ids.to(torch.int32)
-
-
 def _fused_ids(n: int, base, d, inv_d, two32):
-    idx = torch.arange(n, dtype=torch.int64, device=base.device)
-    return _umod_fast(_mix_(idx + base), d, inv_d, two32).to(torch.int32)  # d < 2**31
+    ids, _ = _fused_ids_keep(n, base.device, base, d, inv_d, two32, None, None, False)
+    return ids.to(torch.int32)  # d < 2**31
 
 
 def _fused_ids_values(
     grad, dtype: torch.dtype, base, d, inv_d, two32, kbase, thresh, keep_scale, dropout: bool
 ):
-    idx = torch.arange(grad.numel(), dtype=torch.int64, device=grad.device)
-    ids = _umod_fast(_mix_(idx + base), d, inv_d, two32)
+    ids, keep = _fused_ids_keep(grad.numel(), grad.device, base, d, inv_d, two32, kbase, thresh, dropout)
     values = grad.to(dtype)
-    if dropout:
-        keep = _shr(_mix_(idx + kbase), 64 - _MASK_BITS) >= thresh
+    if keep is not None:
         values = torch.where(keep, values * keep_scale, 0.0)
     return ids.to(torch.int32), values  # d < 2**31
 

@@ -240,10 +240,24 @@ def _remove_hooks(module: nn.Module, owner: object) -> None:
             module._forward_hooks_always_called.pop(key, None)
 
 
+def _own_class(module: nn.Module) -> None:
+    """Give a parametrized module a private copy of its generated class.
+
+    ``copy.deepcopy`` of a parametrized module shares torch's generated ``Parametrized*`` class
+    with the original, and ``remove_parametrizations`` deletes the tensor's property from that
+    class: un-parametrizing a copy would break the original (``merge(deepcopy(model))``).
+    """
+    cls = type(module)
+    namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
+
+
 def _uninstall(model: nn.Module, state: GPartState, done: list[tuple[nn.Module, str]]) -> None:
     if state.recipes is not None:
         for module, _ in done:
             _remove_hooks(module, state.recipes)
+    for module in {id(m): m for m, _ in done}.values():
+        _own_class(module)
     for module, pname in reversed(done):
         parametrize.remove_parametrizations(module, pname, leave_parametrized=False)
     for name, order in state.saved_order.items():

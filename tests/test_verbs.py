@@ -141,6 +141,20 @@ def test_deepcopy_keeps_theta_link(mlp):
     assert not torch.equal(clone(x), model(x))  # the copy's parametrizations follow the copy's theta
 
 
+@pytest.mark.parametrize("verb", [gpart.merge, gpart.remove])
+def test_merging_or_removing_a_deep_copy_leaves_the_original_working(mlp, verb):
+    """Deep copies share torch's generated Parametrized* class; undoing gpart on one must not
+    strip the other's properties."""
+    model = _trained(mlp, bias="all")
+    x = torch.randn(2, 6)
+    y = model(x)
+    copied = verb(copy.deepcopy(model))
+    assert torch.equal(model(x), y) and parametrize.is_parametrized(model[0], "weight")
+    assert type(copied[0]) is nn.Linear
+    gpart.remove(model)
+    assert type(model[0]) is nn.Linear
+
+
 def test_parametrizations_follow_a_swapped_theta(mlp):
     """Distributed wrappers replace parameter objects: the delta must follow the new one."""
     model = _trained(mlp)

@@ -1,0 +1,198 @@
+"""Plots and tables from ``benchmarks/results/*.json`` into ``docs/``.
+
+    python benchmarks/plot.py
+
+Writes ``docs/bench_step.png``, ``docs/bench_partition.png``, ``docs/bench_apply.png``,
+``docs/bench_io.png`` (for whichever results exist) and ``docs/benchmarks.md`` with the tables,
+the machine and the commands that reproduce them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+RESULTS = Path(os.environ.get("GPART_BENCH_RESULTS", Path(__file__).parent / "results"))
+DOCS = Path(os.environ.get("GPART_BENCH_DOCS", Path(__file__).resolve().parents[1] / "docs"))
+
+
+def load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def plot_step(res: dict) -> str:
+    configs = list(res["configs"])
+    fig, axes = plt.subplots(1, len(configs), figsize=(5.5 * len(configs), 3.6), squeeze=False)
+    lines = []
+    for ax, config in zip(axes[0], configs, strict=True):
+        summary = res["configs"][config]
+        methods = list(summary)
+        ax.bar(
+            methods,
+            [summary[m]["median_s"] for m in methods],
+            color=["#999", "#c44", "#48c", "#b83", "#2a6"][: len(methods)],
+        )
+        ax.set_title(f"{config}: median step time")
+        ax.set_ylabel("seconds")
+        lines += [f"\n**{config}** ({res['args']['dtype']}, {res['args']['device']})\n"]
+        lines += [
+            "| method | step (s) | x full | x reference | x floor | kept (MiB) | peak above frozen (MiB) "
+            "| mem x reference |"
+        ]
+        lines += ["|---|---|---|---|---|---|---|---|"]
+        for m in methods:
+            s = summary[m]
+            label = m + (f" ({s['backend']})" if s.get("backend") else "")
+            lines.append(
+                f"| {label} | {s['median_s']:.3f} | {s.get('x_full', float('nan')):.3f} | "
+                f"{s.get('x_reference', float('nan')):.3f} | {s.get('x_floor', float('nan')):.3f} | "
+                f"{s['persistent_mb']:.1f} | {s['peak_above_frozen_mb']:.1f} | "
+                f"{s.get('mem_x_reference', float('nan')):.3f} |"
+            )
+    fig.tight_layout()
+    fig.savefig(DOCS / "bench_step.png", dpi=110)
+    plt.close(fig)
+    return "\n".join(lines)
+
+
+def plot_partition(res: dict) -> str:
+    rows = res["rows"]
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    names = list(rows)
+    ax.barh(names, [1e3 * rows[n]["seconds"] for n in names], color="#48c")
+    ax.set_xlabel("milliseconds (lower is better)")
+    ax.set_title(f"delta path over D = {res['size']:,}, d = {res['d']:,}")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(DOCS / "bench_partition.png", dpi=110)
+    plt.close(fig)
+    lines = ["| operation | ms | throughput x memory copy |", "|---|---|---|"]
+    lines += [f"| {n} | {1e3 * r['seconds']:.1f} | {r['x_copy']:.3f} |" for n, r in rows.items()]
+    lines += ["", "| set-up counting, chunk | eager (ms) | compiled (ms) | speed-up |", "|---|---|---|---|"]
+    for chunk, r in res["counting"].items():
+        lines.append(
+            f"| {int(chunk):,} | {1e3 * r['eager_s']:.1f} | {1e3 * r['compiled_s']:.1f} "
+            f"| {r['speedup']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_apply(res: dict) -> str:
+    rows = res["rows"]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for backend in sorted({r["backend"] for r in rows}):
+        rs = [r for r in rows if r["backend"] == backend]
+        ax.loglog([r["D"] for r in rs], [r["seconds"] for r in rs], "o-", label=backend)
+    ax.set_xlabel("D (target entries)")
+    ax.set_ylabel("apply time (s)")
+    ax.legend()
+    ax.set_title("set-up time of gpart.apply")
+    fig.tight_layout()
+    fig.savefig(DOCS / "bench_apply.png", dpi=110)
+    plt.close(fig)
+    lines = ["| D | d | targets | kernel | apply (s) | transient peak (MiB) | persistent (B) | 8d (B) |"]
+    lines += ["|---|---|---|---|---|---|---|---|"]
+    lines += [
+        f"| {r['D']:,} | {r['d']:,} | {r['targets']} | {r['backend']} | {r['seconds']:.3f} | "
+        f"{r['transient_bytes'] / 2**20:.1f} | {r['persistent_bytes']:,} | {r['bound_8d']:,} |"
+        for r in rows
+    ]
+    return "\n".join(lines)
+
+
+def plot_io(res: dict) -> str:
+    rows = res["rows"]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ds = [r["d"] for r in rows]
+    for key, label in (
+        ("save_s", "save"),
+        ("load_s", "load (adapted)"),
+        ("load_plain_s", "load (plain: apply + load)"),
+    ):
+        ax.loglog(ds, [r[key] for r in rows], "o-", label=label)
+    ax.set_xlabel("d")
+    ax.set_ylabel("seconds")
+    ax.legend()
+    ax.set_title("adapter file I/O")
+    fig.tight_layout()
+    fig.savefig(DOCS / "bench_io.png", dpi=110)
+    plt.close(fig)
+    lines = [
+        "| d | save (ms) | load (ms) | load into plain (ms) | file (B) | file - 4d (B) |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['d']:,} | {1e3 * r['save_s']:.2f} | {1e3 * r['load_s']:.2f} | {1e3 * r['load_plain_s']:.1f} | "
+        f"{r['bytes']:,} | {r['bytes'] - r['theta_bytes']:,} |"
+        for r in rows
+    ]
+    return "\n".join(lines)
+
+
+def inference_table(res: dict) -> str:
+    lines = ["| method | ms | x base |", "|---|---|---|"]
+    lines += [f"| {k} | {1e3 * s['median_s']:.2f} | {s['x_base']:.3f} |" for k, s in res["summary"].items()]
+    return "\n".join(lines)
+
+
+SECTIONS = [
+    ("step", "Training step", "python benchmarks/bench_step.py", plot_step, "bench_step.png"),
+    (
+        "partition",
+        "Delta path and set-up counting",
+        "python benchmarks/bench_partition.py",
+        plot_partition,
+        "bench_partition.png",
+    ),
+    (
+        "apply",
+        "Set-up (`apply`) as D grows",
+        "python benchmarks/bench_apply.py",
+        plot_apply,
+        "bench_apply.png",
+    ),
+    ("io", "Adapter files", "python benchmarks/bench_io.py", plot_io, "bench_io.png"),
+    ("inference", "Inference latency", "python benchmarks/bench_inference.py", inference_table, None),
+]
+
+
+def main() -> None:
+    DOCS.mkdir(exist_ok=True)
+    parts = [
+        "# Benchmarks",
+        "",
+        "Generated by `python benchmarks/plot.py` from `benchmarks/results/*.json`. Every number is a "
+        "median over repeats, measured side by side in one run; ratios matter, absolute times vary "
+        "by machine.",
+    ]
+    machine_written = False
+    for name, title, command, fn, png in SECTIONS:
+        res = load(name)
+        if res is None:
+            continue
+        if not machine_written:
+            m = res["machine"]
+            parts += [
+                "",
+                f"Machine: {m['processor']}, {m['cpus']} CPUs, {m['threads']} torch threads, "
+                f"torch {m['torch']}, gpart {m['gpart']}, {m['platform']}"
+                + (f", GPU {m['cuda']}" if m.get("cuda") else "")
+                + ".",
+            ]
+            machine_written = True
+        parts += ["", f"## {title}", "", f"Reproduce: `{command}`", "", fn(res)]
+        if png:
+            parts += ["", f"![{title}]({png})"]
+    (DOCS / "benchmarks.md").write_text("\n".join(parts) + "\n")
+    print(f"wrote {DOCS / 'benchmarks.md'}")
+
+
+if __name__ == "__main__":
+    main()

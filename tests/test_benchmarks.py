@@ -1,0 +1,69 @@
+"""Smoke tests: every benchmark script runs end to end on tiny sizes and writes its JSON.
+
+Timings are never asserted here (they belong to the benchmarks themselves); results go to a temp
+folder so the published ones in benchmarks/results are never touched.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+pytest.importorskip("matplotlib")
+
+
+@pytest.fixture
+def bench(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPART_BENCH_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setenv("GPART_BENCH_DOCS", str(tmp_path / "docs"))
+    monkeypatch.syspath_prepend(str(BENCH))
+    for name in [m for m in sys.modules if m in ("_common", "plot") or m.startswith("bench_")]:
+        del sys.modules[name]
+
+    def run(name: str, *argv: str):
+        module = importlib.import_module(name)
+        return module.main() if name == "plot" else module.main(list(argv))
+
+    return run
+
+
+def test_all_scripts_run_and_plot(bench, tmp_path):
+    step = bench(
+        "bench_step",
+        "--configs",
+        "tiny",
+        "--methods",
+        "floor",
+        "full",
+        "lora",
+        "reference",
+        "gpart",
+        "--rounds",
+        "1",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+    )
+    tiny = step["configs"]["tiny"]
+    assert set(tiny) == {"floor", "full", "lora", "reference", "gpart"}
+    assert tiny["full"]["x_full"] == 1.0 and tiny["gpart"]["persistent_mb"] > 0
+    part = bench("bench_partition", "--targets", "2", "--shape", "64", "64", "--d", "100", "--repeats", "1")
+    assert part["counting"]
+    bench("bench_apply", "--sizes", "1e4", "--backends", "eager")
+    io = bench("bench_io", "--ds", "100", "--repeats", "1")
+    assert io["rows"][0]["bytes"] > 400
+    inf = bench("bench_inference", "--config", "tiny", "--batch", "1", "8", "--rounds", "1", "--repeats", "2")
+    assert inf["merged_matches"]
+    bench("plot")
+    results = {p.stem for p in (tmp_path / "results").glob("*.json")}
+    assert results == {"step", "partition", "apply", "io", "inference"}
+    apply_row = json.loads((tmp_path / "results" / "apply.json").read_text())["rows"][0]
+    assert apply_row["persistent_bytes"] == 8 * apply_row["d"]  # theta and the scales, nothing D-sized
+    text = (tmp_path / "docs" / "benchmarks.md").read_text()
+    assert "## Training step" in text and (tmp_path / "docs" / "bench_step.png").stat().st_size > 1000
