@@ -64,11 +64,11 @@ def plot_step(res: dict) -> str:
 
 def plot_partition(res: dict) -> str:
     rows = res["rows"]
-    fig, ax = plt.subplots(figsize=(8, 3.6))
+    fig, ax = plt.subplots(figsize=(11, 3.8))
     names = list(rows)
     ax.barh(names, [1e3 * rows[n]["seconds"] for n in names], color="#48c")
     ax.set_xlabel("milliseconds (lower is better)")
-    ax.set_title(f"delta path over D = {res['size']:,}, d = {res['d']:,}")
+    ax.set_title(f"delta path over D = {res['size']:,}, d = {res['d']:,}", fontsize=10)
     ax.invert_yaxis()
     fig.tight_layout()
     fig.savefig(DOCS / "bench_partition.png", dpi=110)
