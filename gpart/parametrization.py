@@ -53,18 +53,19 @@ class _Recipe:
         self.handoff = handoff
         self.version = theta._version
 
+    def _kwargs(self) -> dict:
+        return {
+            "start": self.start,
+            "seed": self.seed,
+            "dropout": self.dropout,
+            "dropout_key": self.key,
+            "backend": self.backend,
+            "handoff": self.handoff,
+        }
+
     def compute(self) -> torch.Tensor:
-        return _delta.effective(
-            self.w0,
-            self.theta,
-            self.scale,
-            start=self.start,
-            seed=self.seed,
-            dropout=self.dropout,
-            dropout_key=self.key,
-            backend=self.backend,
-            handoff=self.handoff,
-        )
+        """The forward computation (differentiable in theta)."""
+        return _delta.effective(self.w0, self.theta, self.scale, **self._kwargs())
 
     def __call__(self) -> torch.Tensor:
         """Recompute in backward: the forward's value, as long as theta was not changed in between."""
@@ -73,17 +74,7 @@ class _Recipe:
                 "gpart: theta was modified in place between forward and backward, so the weights "
                 "of that forward can no longer be recomputed. Step the optimizer after backward."
             )
-        return _delta.recompute(
-            self.w0,
-            self.theta,
-            self.scale,
-            start=self.start,
-            seed=self.seed,
-            dropout=self.dropout,
-            dropout_key=self.key,
-            backend=self.backend,
-            handoff=self.handoff,
-        )
+        return _delta.recompute(self.w0, self.theta, self.scale, **self._kwargs())
 
 
 class _Saved:
