@@ -2,9 +2,8 @@
 
     python benchmarks/plot.py
 
-Writes ``docs/bench_step.png``, ``docs/bench_partition.png``, ``docs/bench_apply.png``,
-``docs/bench_io.png`` (for whichever results exist) and ``docs/benchmarks.md`` with the tables,
-the machine and the commands that reproduce them.
+Writes ``docs/bench_{step,partition,apply,io,bf16}.png`` (for whichever results exist) and
+``docs/benchmarks.md`` with the tables, the machine and the commands that reproduce them.
 """
 
 from __future__ import annotations
@@ -136,6 +135,35 @@ def plot_io(res: dict) -> str:
     return "\n".join(lines)
 
 
+def plot_bf16(res: dict) -> str:
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for method, curve in res["curves"].items():
+        ax.plot(range(len(curve)), curve, label=method, alpha=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.set_title(f"tiny bf16 Llama, d={res['args']['d']}, lr {res['args']['lr']}")
+    fig.tight_layout()
+    fig.savefig(DOCS / "bench_bf16.png", dpi=110)
+    plt.close(fig)
+    lines = [
+        "| delta / W0 (std) | W entries changed | gpart effective-delta rel. error | reference rel. error |"
+    ]
+    lines += ["|---|---|---|---|"]
+    lines += [
+        f"| {r['delta_over_w0']:g} | {r['changed_fraction']:.4f} | {r['gpart_rel_error']:.4f} | "
+        f"{r['reference_rel_error']:.4f} |"
+        for r in res["survival"]
+    ]
+    curves = res["curves"]
+    n = len(next(iter(curves.values())))
+    lines += ["", "| steps | " + " | ".join(curves) + " |", "|---" * (len(curves) + 1) + "|"]
+    for lo in range(0, n, 50):
+        means = [sum(c[lo : lo + 50]) / len(c[lo : lo + 50]) for c in curves.values()]
+        lines.append(f"| {lo}-{min(lo + 49, n - 1)} | " + " | ".join(f"{m:.4f}" for m in means) + " |")
+    return "\n".join(lines)
+
+
 def inference_table(res: dict) -> str:
     lines = ["| method | ms | x base |", "|---|---|---|"]
     lines += [f"| {k} | {1e3 * s['median_s']:.2f} | {s['x_base']:.3f} |" for k, s in res["summary"].items()]
@@ -160,6 +188,7 @@ SECTIONS = [
     ),
     ("io", "Adapter files", "python benchmarks/bench_io.py", plot_io, "bench_io.png"),
     ("inference", "Inference latency", "python benchmarks/bench_inference.py", inference_table, None),
+    ("bf16", "bf16 bases", "python benchmarks/bench_bf16.py", plot_bf16, "bench_bf16.png"),
 ]
 
 

@@ -60,9 +60,11 @@ def test_all_scripts_run_and_plot(bench, tmp_path):
     assert io["rows"][0]["bytes"] > 400
     inf = bench("bench_inference", "--config", "tiny", "--batch", "1", "8", "--rounds", "1", "--repeats", "2")
     assert inf["merged_matches"]
+    bf16 = bench("bench_bf16", "--steps", "3", "--d", "64")
+    assert set(bf16["curves"]) == {"gpart", "reference"} and bf16["survival"][-1]["changed_fraction"] > 0.9
     bench("plot")
     results = {p.stem for p in (tmp_path / "results").glob("*.json")}
-    assert results == {"step", "partition", "apply", "io", "inference"}
+    assert results == {"step", "partition", "apply", "io", "inference", "bf16"}
     apply_row = json.loads((tmp_path / "results" / "apply.json").read_text())["rows"][0]
     assert apply_row["persistent_bytes"] == 8 * apply_row["d"]  # theta and the scales, nothing D-sized
     text = (tmp_path / "docs" / "benchmarks.md").read_text()
