@@ -196,10 +196,7 @@ def _install(
     recompute: bool = True,
 ) -> nn.Module:
     """Mutate the model; on any failure, undo what was done and re-raise."""
-    state = GPartState(config, layout, scale)
-    state.backend = backend
-    if not recompute:
-        state.recipes = None
+    state = GPartState(config, layout, scale, backend=backend, recompute=recompute)
     state.saved_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     # parametrize re-registers a restored tensor last; remember the order so remove can undo that.
     state.saved_order = {

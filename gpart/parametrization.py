@@ -158,13 +158,21 @@ class SaveRecipes:
 class GPartState(nn.Module):
     """Holds ``theta`` (fp32, length d), the group scales, the settings and the layout."""
 
-    def __init__(self, config: GPartConfig, layout: Layout, scale: torch.Tensor) -> None:
+    def __init__(
+        self,
+        config: GPartConfig,
+        layout: Layout,
+        scale: torch.Tensor,
+        *,
+        backend: str = "eager",
+        recompute: bool = True,
+    ) -> None:
         super().__init__()
         self.config = config
         self.layout = layout
         self.enabled = True
-        self.backend = "eager"  # which kernel of gpart._delta computes the deltas
-        self.recipes: SaveRecipes | None = SaveRecipes()  # None: save W0 + delta for backward
+        self.backend = backend  # which kernel of gpart._delta computes the deltas
+        self.recipes: SaveRecipes | None = SaveRecipes() if recompute else None  # None: save W0 + delta
         self.theta = nn.Parameter(torch.zeros(config.d, dtype=torch.float32, device=scale.device))
         # Derived from the seed, so not part of state_dict: a checkpoint holds theta alone.
         self.register_buffer("scale", scale, persistent=False)
