@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--d", type=int, default=23_040)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="partition", help="name of the JSON file in benchmarks/results/")
     args = p.parse_args(argv)
     d, dev = args.d, args.device
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     for chunk, r in counting.items():
         print(f"{chunk:<30,}{1e3 * r['eager_s']:>10.1f}{1e3 * r['compiled_s']:>13.1f}{r['speedup']:>10.2f}")
     result = {"machine": machine(), "size": size, "d": d, "device": dev, "rows": rows, "counting": counting}
-    print(f"wrote {write_json('partition', result)}")
+    print(f"wrote {write_json(args.out, result)}")
     return result
 
 

@@ -38,7 +38,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def worker(config: str, method: str, dtype: str, device: str, warmup: int, steps: int) -> dict:
     torch.manual_seed(0)
-    model, batch, targets, d = build(config, DTYPES[dtype])
+    with torch.device(device):  # initialise on the device: a 0.5B model's CPU init takes a while
+        model, batch, targets, d = build(config, DTYPES[dtype])
     model.to(device)
     batch = {k: v.to(device) for k, v in batch.items()}
     frozen = storages(model)

@@ -165,4 +165,6 @@ def group_scales(counts: torch.Tensor, *, isometric: bool = True) -> torch.Tenso
     """
     if not isometric:
         return torch.ones(counts.shape, dtype=torch.float32, device=counts.device)
-    return counts.clamp(min=1).to(torch.float64).rsqrt().to(torch.float32)
+    # sqrt and division are correctly rounded on every device (rsqrt is not on CUDA), so a scale
+    # is the same bits wherever it is computed.
+    return (1.0 / counts.clamp(min=1).to(torch.float64).sqrt()).to(torch.float32)

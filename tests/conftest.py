@@ -11,6 +11,12 @@ import torch
 from torch import nn
 
 DATA = Path(__file__).parent / "data"
+
+# Kernel tests run on every device present; CI has only the CPU, a GPU machine adds "cuda".
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")),
+]
 U64 = (1 << 64) - 1
 
 

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import DEVICES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -39,27 +40,33 @@ compiled = pytest.mark.skipif(
 )
 
 
-@compiled
+def _need_compiled(device: str) -> None:
+    if not _delta.compiled_available(device):
+        pytest.skip(f"torch.compile cannot build kernels for {device} here")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     ("dtype", "dropout"), [(torch.float32, 0.0), (torch.float32, 0.3), (torch.bfloat16, 0.0)]
 )
-def test_compiled_matches_eager_bit_for_bit(dtype, dropout):
+def test_compiled_matches_eager_bit_for_bit(dtype, dropout, device):
+    _need_compiled(device)
     torch.manual_seed(0)
     for d, seed, start, shape in [
         (7, -1, 5, (3, 5)),
         (1000, 2**64 + 5, 2**40, (37, 29)),
         (23040, 0, 0, (64, 64)),
     ]:
-        w0 = torch.randn(shape).to(dtype)
-        scale = torch.rand(d)
+        w0 = torch.randn(shape).to(device, dtype)
+        scale = torch.rand(d, device=device)
         grads = []
         outs = []
         for backend in ("eager", "compiled"):
-            theta = torch.randn(d, generator=torch.Generator().manual_seed(1), requires_grad=True)
+            theta = torch.randn(d, generator=torch.Generator().manual_seed(1)).to(device).requires_grad_()
             out = _delta.effective(
                 w0, theta, scale, start=start, seed=seed, dropout=dropout, dropout_key=99, backend=backend
             )
-            out.backward(torch.linspace(-1, 1, out.numel()).view(shape).to(dtype))
+            out.backward(torch.linspace(-1, 1, out.numel(), device=device).view(shape).to(dtype))
             outs.append(out)
             grads.append(theta.grad)
         assert torch.equal(outs[0], outs[1])
@@ -120,13 +127,29 @@ def test_compiled_kernel_builds_where_a_compiler_exists():
     assert _delta.compiled_available()
 
 
-@compiled
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     ("size", "d", "seed", "chunk"), [(10_000, 97, 5, 4096), (5003, 5003, -(2**70), 1000), (1, 1, 0, 7)]
 )
-def test_compiled_group_counting_matches_eager(size, d, seed, chunk):
+def test_compiled_group_counting_matches_eager(size, d, seed, chunk, device):
     from gpart.partition import group_counts
 
+    _need_compiled(device)
     expected = group_counts(size, d=d, seed=seed)
-    got = _delta.count_groups(size, d=d, seed=seed, backend="compiled", device="cpu", chunk=chunk)
-    assert torch.equal(got, expected)
+    got = _delta.count_groups(size, d=d, seed=seed, backend="compiled", device=device, chunk=chunk)
+    assert torch.equal(got.cpu(), expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+def test_every_device_computes_the_cpu_bits(device, backend):
+    """A checkpoint trained on one device gives the same merged weights on another."""
+    if backend == "compiled":
+        _need_compiled(device)
+    torch.manual_seed(0)
+    w0, theta, scale = torch.randn(300, 70), torch.randn(997), torch.rand(997)
+    expected = _delta.effective(w0, theta, scale, start=12345, seed=-7, backend="eager")
+    got = _delta.effective(
+        w0.to(device), theta.to(device), scale.to(device), start=12345, seed=-7, backend=backend
+    )
+    assert torch.equal(got.cpu(), expected)

@@ -8,16 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA, golden, ref_group_id
+from conftest import DATA, DEVICES, golden, ref_group_id
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpart.partition import ALGORITHM, group_counts, group_ids, group_scales
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", golden()["group_ids"], ids=lambda c: f"d{c['d']}-seed{c['seed']}")
-def test_golden_group_ids_exact(case):
-    got = group_ids(case["start"], case["count"], d=case["d"], seed=case["seed"])
+def test_golden_group_ids_exact(case, device):
+    got = group_ids(case["start"], case["count"], d=case["d"], seed=case["seed"], device=device)
     assert got.dtype == torch.int64
     assert got.tolist() == case["ids"]
 
@@ -89,3 +90,11 @@ def test_invalid_arguments(bad):
     kwargs = {"start": 0, "count": 4, "d": 10, "seed": 0, **bad}
     with pytest.raises(ValueError):
         group_ids(kwargs.pop("start"), kwargs.pop("count"), **kwargs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_scales_are_the_same_bits_on_every_device(device):
+    counts = torch.arange(0, 2_000_000)
+    expected = group_scales(counts)
+    assert torch.equal(group_scales(counts.to(device)).cpu(), expected)
+    assert torch.equal(expected[1:5], torch.tensor([1.0, 2**-0.5, 3**-0.5, 0.5]))
