@@ -33,16 +33,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="partition", help="name of the JSON file in benchmarks/results/")
+    p.add_argument("--profile", action="store_true", help="print where one call of each kernel spends time")
     args = p.parse_args(argv)
     d, dev = args.d, args.device
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 
-    def bench(fn) -> float:
+    def bench(fn, label: str = "") -> float:
         def run():
             fn()
             sync()
 
-        return median(timed(run, warmup=2, repeats=args.repeats))
+        t = median(timed(run, warmup=2, repeats=args.repeats))
+        if args.profile and label:
+            _profile(run, label, dev)
+        return t
 
     torch.manual_seed(0)
     w0s = [torch.randn(*args.shape, device=dev) for _ in range(args.targets)]
@@ -61,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
                 for w, s in zip(w0s, starts, strict=True):
                     _delta.effective(w, theta, scale, start=s, seed=0, backend=b)
 
-        t = bench(forward)
+        t = bench(forward, f"forward [{backend}]")
         rows[f"forward W0+delta [{backend}]"] = {"seconds": t, "x_copy": copy / t}
         seg = _delta._KERNELS[backend][1]
         t = bench(
@@ -87,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
             _delta._compiled_segment_sum(g, s, d, 0, 0.0, 0, 1 << 20, torch.float32, handoff.take(s, 0))
 
-    t = bench(recompute_then_sum)
+    t = bench(recompute_then_sum, "recompute + segment sum [compiled]")
     rows["backward recompute + P^T grad, ids handed over [compiled]"] = {"seconds": t, "x_copy": 2 * copy / t}
 
     counting = {}
@@ -111,6 +115,16 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"machine": machine(), "size": size, "d": d, "device": dev, "rows": rows, "counting": counting}
     print(f"wrote {write_json(args.out, result)}")
     return result
+
+
+def _profile(run, label: str, dev: str) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run()
+    key = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
+    print(f"\n--- profile: {label}\n{prof.key_averages().table(sort_by=key, row_limit=12)}")
 
 
 if __name__ == "__main__":

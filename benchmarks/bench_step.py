@@ -38,12 +38,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def worker(config: str, method: str, dtype: str, device: str, warmup: int, steps: int) -> dict:
     torch.manual_seed(0)
-    with torch.device(device):  # initialise on the device: a 0.5B model's CPU init takes a while
+    with torch.device(device):  # build on the device: a 0.5B model's CPU init takes a while
         model, batch, targets, d = build(config, DTYPES[dtype])
-    model.to(device)
-    batch = {k: v.to(device) for k, v in batch.items()}
-    frozen = storages(model)
-    params = setup(method, model, targets, d)
+        frozen = storages(model)
+        params = setup(method, model, targets, d)
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
     model.train()
 

@@ -26,7 +26,7 @@ def load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def plot_step(res: dict) -> str:
+def plot_step(res: dict, png: str) -> str:
     configs = list(res["configs"])
     fig, axes = plt.subplots(1, len(configs), figsize=(5.5 * len(configs), 3.6), squeeze=False)
     lines = []
@@ -56,12 +56,12 @@ def plot_step(res: dict) -> str:
                 f"{s.get('mem_x_reference', float('nan')):.3f} |"
             )
     fig.tight_layout()
-    fig.savefig(DOCS / "bench_step.png", dpi=110)
+    fig.savefig(DOCS / png, dpi=110)
     plt.close(fig)
     return "\n".join(lines)
 
 
-def plot_partition(res: dict) -> str:
+def plot_partition(res: dict, png: str) -> str:
     rows = res["rows"]
     fig, ax = plt.subplots(figsize=(11, 3.8))
     names = list(rows)
@@ -70,7 +70,7 @@ def plot_partition(res: dict) -> str:
     ax.set_title(f"delta path over D = {res['size']:,}, d = {res['d']:,}", fontsize=10)
     ax.invert_yaxis()
     fig.tight_layout()
-    fig.savefig(DOCS / "bench_partition.png", dpi=110)
+    fig.savefig(DOCS / png, dpi=110)
     plt.close(fig)
     lines = ["| operation | ms | throughput x memory copy |", "|---|---|---|"]
     lines += [f"| {n} | {1e3 * r['seconds']:.1f} | {r['x_copy']:.3f} |" for n, r in rows.items()]
@@ -83,7 +83,7 @@ def plot_partition(res: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_apply(res: dict) -> str:
+def plot_apply(res: dict, png: str) -> str:
     rows = res["rows"]
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for backend in sorted({r["backend"] for r in rows}):
@@ -94,7 +94,7 @@ def plot_apply(res: dict) -> str:
     ax.legend()
     ax.set_title("set-up time of gpart.apply")
     fig.tight_layout()
-    fig.savefig(DOCS / "bench_apply.png", dpi=110)
+    fig.savefig(DOCS / png, dpi=110)
     plt.close(fig)
     lines = ["| D | d | targets | kernel | apply (s) | transient peak (MiB) | persistent (B) | 8d (B) |"]
     lines += ["|---|---|---|---|---|---|---|---|"]
@@ -106,7 +106,7 @@ def plot_apply(res: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_io(res: dict) -> str:
+def plot_io(res: dict, png: str) -> str:
     rows = res["rows"]
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ds = [r["d"] for r in rows]
@@ -121,7 +121,7 @@ def plot_io(res: dict) -> str:
     ax.legend()
     ax.set_title("adapter file I/O")
     fig.tight_layout()
-    fig.savefig(DOCS / "bench_io.png", dpi=110)
+    fig.savefig(DOCS / png, dpi=110)
     plt.close(fig)
     lines = [
         "| d | save (ms) | load (ms) | load into plain (ms) | file (B) | file - 4d (B) |",
@@ -135,7 +135,7 @@ def plot_io(res: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_bf16(res: dict) -> str:
+def plot_bf16(res: dict, png: str) -> str:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for method, curve in res["curves"].items():
         ax.plot(range(len(curve)), curve, label=method, alpha=0.8)
@@ -144,7 +144,7 @@ def plot_bf16(res: dict) -> str:
     ax.legend()
     ax.set_title(f"tiny bf16 Llama, d={res['args']['d']}, lr {res['args']['lr']}")
     fig.tight_layout()
-    fig.savefig(DOCS / "bench_bf16.png", dpi=110)
+    fig.savefig(DOCS / png, dpi=110)
     plt.close(fig)
     lines = [
         "| delta / W0 (std) | W entries changed | gpart effective-delta rel. error | reference rel. error |"
@@ -164,7 +164,7 @@ def plot_bf16(res: dict) -> str:
     return "\n".join(lines)
 
 
-def inference_table(res: dict) -> str:
+def inference_table(res: dict, png: None = None) -> str:
     lines = ["| method | ms | x base |", "|---|---|---|"]
     lines += [f"| {k} | {1e3 * s['median_s']:.2f} | {s['x_base']:.3f} |" for k, s in res["summary"].items()]
     return "\n".join(lines)
@@ -189,6 +189,22 @@ SECTIONS = [
     ("io", "Adapter files", "python benchmarks/bench_io.py", plot_io, "bench_io.png"),
     ("inference", "Inference latency", "python benchmarks/bench_inference.py", inference_table, None),
     ("bf16", "bf16 bases", "python benchmarks/bench_bf16.py", plot_bf16, "bench_bf16.png"),
+    (
+        "step_cuda",
+        "Training step on a GPU (Qwen2-0.5B-shaped, bf16)",
+        "python benchmarks/bench_step.py --configs qwen2-0.5b --dtype bfloat16 --device cuda "
+        "--rounds 2 --steps 10 --warmup 3 --out step_cuda",
+        plot_step,
+        "bench_step_cuda.png",
+    ),
+    (
+        "partition_cuda",
+        "Delta path on a GPU",
+        "python benchmarks/bench_partition.py --targets 28 --shape 4096 4096 --d 131072 --device cuda "
+        "--repeats 5 --profile --out partition_cuda",
+        plot_partition,
+        "bench_partition_cuda.png",
+    ),
 ]
 
 
@@ -216,7 +232,11 @@ def main() -> None:
                 + ".",
             ]
             machine_written = True
-        parts += ["", f"## {title}", "", f"Reproduce: `{command}`", "", fn(res)]
+        parts += ["", f"## {title}", "", f"Reproduce: `{command}`"]
+        if res["machine"].get("cuda"):
+            m = res["machine"]
+            parts += ["", f"Machine: GPU {m['cuda']}, {m['cpus']} CPUs, torch {m['torch']}."]
+        parts += ["", fn(res, png)]
         if png:
             parts += ["", f"![{title}]({png})"]
     (DOCS / "benchmarks.md").write_text("\n".join(parts) + "\n")
