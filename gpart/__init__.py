@@ -14,6 +14,7 @@ theta: 32 | other trainable: 34 | trainable: 66 of 338 (19.5266%)
 from ._version import __version__
 from .core import Summary, apply, cached, disabled, merge, remove, summary, theta
 from .errors import ConfigError, FormatError, GPartError, LayoutError, StateError, TargetError
+from .peft_format import load_peft, read_peft, save_peft
 from .serialization import load, read, save
 
 __all__ = [
@@ -29,10 +30,13 @@ __all__ = [
     "cached",
     "disabled",
     "load",
+    "load_peft",
     "merge",
     "read",
+    "read_peft",
     "remove",
     "save",
+    "save_peft",
     "summary",
     "theta",
 ]

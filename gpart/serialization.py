@@ -57,26 +57,36 @@ def save(model: nn.Module, path: str | os.PathLike, *, trainable: bool = True) -
     ['theta']
     """
     state = _state(model)
-    tensors = {_THETA: state.theta.detach().to("cpu", copy=True).contiguous()}
+    extras = {}
     if trainable:
-        for name, p in model.named_parameters():
-            if p.requires_grad and p is not state.theta:
-                tensors[_EXTRA + name] = p.detach().to("cpu", copy=True).contiguous()
-    c = state.config
+        extras = {n: p for n, p in model.named_parameters() if p.requires_grad and p is not state.theta}
+    return _write(Path(path), state.config, state.layout.entries(), state.layout.size, state.theta, extras)
+
+
+def _write(
+    path: Path,
+    config: GPartConfig,
+    entries: list,
+    size: int,
+    theta: torch.Tensor,
+    extras: dict[str, torch.Tensor],
+) -> Path:
+    """The file for an adapter given by its parts (also used by format conversion)."""
+    tensors = {_THETA: theta.detach().to("cpu", torch.float32, copy=True).contiguous()}
+    tensors.update({_EXTRA + n: t.detach().to("cpu", copy=True).contiguous() for n, t in extras.items()})
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "algorithm": ALGORITHM,
         "gpart_version": __version__,
-        "d": str(c.d),
-        "seed": str(c.seed),
-        "D": str(state.layout.size),
+        "d": str(config.d),
+        "seed": str(config.seed),
+        "D": str(size),
         "config": json.dumps(
-            {k: v for k, v in c.to_dict().items() if k not in ("d", "seed")}, sort_keys=True
+            {k: v for k, v in config.to_dict().items() if k not in ("d", "seed")}, sort_keys=True
         ),
-        "targets": json.dumps(state.layout.entries(), separators=(",", ":")),
+        "targets": json.dumps(entries, separators=(",", ":")),
     }
-    path = Path(path)
     _atomic_save(tensors, metadata, path)
     return path
 

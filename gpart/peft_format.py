@@ -1,0 +1,292 @@
+"""The authors' adapter directory (their PEFT fork): read it into gpart, write gpart adapters as it.
+
+A directory written by the reference implementation's ``save_pretrained`` holds:
+
+* ``adapter_config.json``: ``peft_type: "GPART"``, ``d``, ``proj_seed``, ``target_modules``
+  (PEFT rules: a list of exact-or-dotted-suffix names, or one regex), ``bias``, ``isometric``,
+  ``gpart_dropout``, ``init_bound``, ``modules_to_save`` and the choice of algorithm
+  (``assignment_backend: "stateless"``, ``projection_type: "partition"``, ...);
+* ``adapter_model.safetensors``: theta as ``base_model.gpart_theta_d`` and the saved modules'
+  parameters as ``base_model.model.<qualified name>``.
+
+Both use the partition gpart implements (the "stateless" SplitMix64 assignment), so the same
+settings give the same weights: :func:`load_peft` applies gpart with the directory's settings and
+loads theta and the head. Settings gpart does not implement (another assignment backend,
+per-layer partitions, ``layers_to_transform``, ...) raise :class:`~gpart.FormatError` instead of
+loading something else. Dropout masks differ (the reference draws them from torch's RNG, gpart
+from a hash), which matters only when training continues.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .core import _find_state, _state, apply
+from .errors import FormatError, LayoutError, StateError
+from .parametrization import GPartConfig
+from .targets import _linear_types, _name_matches
+
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "load_peft", "read_peft", "save_peft"]
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_THETA_KEY = "base_model.gpart_theta_d"
+_PREFIX = "base_model.model."
+_WRAPPED = ".modules_to_save.default."  # stock PEFT's name for a saved module's copy
+
+# Settings that select the algorithm: gpart implements exactly these values (None = absent).
+_REQUIRED = {
+    "peft_type": ("GPART",),
+    "assignment_backend": ("stateless", None),
+    "projection_type": ("partition", None),
+    "grouping_strategy": ("random", None),
+    "partition_scope": ("global", None),
+}
+
+
+def read_peft(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(apply_kwargs, tensors)`` of a reference adapter directory, after checking every setting.
+
+    ``apply_kwargs`` are :func:`gpart.apply`'s keywords for the same adapter (``d``, ``seed``,
+    ``targets``, ``bias``, ``isometric``, ``dropout``, ``init_bound``, ``trainable``); ``tensors``
+    maps ``"theta"`` and the saved parameters' qualified names to tensors.
+
+    >>> import gpart
+    >>> gpart.read_peft("no/such/dir")
+    Traceback (most recent call last):
+    ...
+    gpart.errors.FormatError: 'no/such/dir' has no adapter_config.json; ...
+    """
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    if not config_path.is_file():
+        raise FormatError(
+            f"{str(directory)!r} has no {CONFIG_FILE}; pass the folder that save_pretrained wrote "
+            f"(it holds {CONFIG_FILE} and {WEIGHTS_FILE})."
+        )
+    try:
+        raw = json.loads(config_path.read_text())
+    except (OSError, ValueError) as err:
+        raise FormatError(f"{str(config_path)!r} is not readable JSON ({err}).") from None
+    kwargs = _kwargs_from_config(config_path, raw)
+    if not weights_path.is_file():
+        raise FormatError(f"{str(directory)!r} has {CONFIG_FILE} but no {WEIGHTS_FILE}; copy both files.")
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+    except Exception as err:  # safetensors raises its own error types, or OSError
+        raise FormatError(f"{str(weights_path)!r} is not a readable safetensors file ({err}).") from None
+    return kwargs, _tensors(weights_path, stored, kwargs["d"])
+
+
+def _kwargs_from_config(path: Path, raw: object) -> dict:
+    if not isinstance(raw, dict):
+        raise FormatError(f"{str(path)!r} holds {type(raw).__name__}, expected a JSON object.")
+    for key, allowed in _REQUIRED.items():
+        if raw.get(key) not in allowed:
+            supported = [a for a in allowed if a is not None]
+            raise FormatError(
+                f"{str(path)!r}: {key}={raw.get(key)!r} is not supported; gpart implements "
+                f"{key} in {supported} (the reference's defaults). Retrain with those settings."
+            )
+    for key in ("layers_to_transform", "layers_pattern"):
+        if raw.get(key) not in (None, [], ""):
+            raise FormatError(
+                f"{str(path)!r}: {key}={raw[key]!r} is not supported; gpart selects target modules "
+                "by target_modules alone. Retrain without it, or name the modules in target_modules."
+            )
+    targets = raw.get("target_modules")
+    if not (isinstance(targets, str) or (isinstance(targets, list) and targets)):
+        raise FormatError(
+            f"{str(path)!r}: target_modules={targets!r}; gpart needs the explicit list (or regex) "
+            "the adapter was trained with, not a model-type default."
+        )
+    try:
+        return {
+            "d": _int(raw["d"]),
+            "seed": _int(raw["proj_seed"]),
+            "targets": targets if isinstance(targets, str) else [str(t) for t in targets],
+            "bias": str(raw.get("bias", "none")),
+            "isometric": bool(raw.get("isometric", True)),
+            "dropout": float(raw.get("gpart_dropout", 0.0)),
+            "init_bound": float(raw.get("init_bound", 0.0)),
+            "trainable": [str(m) for m in raw.get("modules_to_save") or []],
+        }
+    except (KeyError, TypeError, ValueError) as err:
+        raise FormatError(
+            f"{str(path)!r}: missing or malformed setting ({type(err).__name__}: {err})."
+        ) from None
+
+
+def _int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an integer, got {value!r}")
+    return value
+
+
+def _tensors(path: Path, stored: dict[str, torch.Tensor], d: int) -> dict[str, torch.Tensor]:
+    if _THETA_KEY not in stored:
+        raise FormatError(f"{str(path)!r} has no {_THETA_KEY!r} tensor (found {sorted(stored)}).")
+    theta = stored.pop(_THETA_KEY)
+    if theta.shape != (d,) or not theta.is_floating_point():
+        raise FormatError(
+            f"{str(path)!r}: {_THETA_KEY} has shape {tuple(theta.shape)} and dtype {theta.dtype}; "
+            f"adapter_config.json says d={d}. The two files do not belong together."
+        )
+    out = {"theta": theta.float()}
+    for key, value in stored.items():
+        if not key.startswith(_PREFIX):
+            raise FormatError(
+                f"{str(path)!r}: unexpected tensor {key!r}; a GPart adapter holds {_THETA_KEY!r} and "
+                f"'{_PREFIX}*' parameters of the saved modules only."
+            )
+        out[key[len(_PREFIX) :].replace(_WRAPPED, ".")] = value
+    return out
+
+
+def load_peft(
+    model: nn.Module, directory: str | os.PathLike, *, backend: str = "auto", recompute: bool = True
+) -> nn.Module:
+    """Apply gpart to ``model`` with a reference adapter's settings and load its theta and head.
+
+    ``model`` is the plain base model (e.g. the ``transformers`` model the adapter was trained on);
+    ``backend`` and ``recompute`` are as in :func:`gpart.apply`. On any error the model is left
+    unchanged. Afterwards the model is an ordinary gpart model: :func:`gpart.merge`,
+    :func:`gpart.save`, training.
+
+    >>> import tempfile, torch, gpart
+    >>> def base_model():
+    ...     torch.manual_seed(0)
+    ...     return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    >>> model = gpart.apply(base_model(), d=3, seed=7, targets=["0"], trainable=["1"], init_bound=0.1)
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     fresh = gpart.load_peft(base_model(), gpart.save_peft(model, tmp))
+    >>> torch.equal(fresh(torch.ones(1, 4)), model(torch.ones(1, 4)))
+    True
+    """
+    if _find_state(model) is not None:
+        raise StateError(
+            f"{type(model).__name__} already has a gpart adapter; load_peft applies one. Pass the "
+            "plain base model (or gpart.remove(model) first)."
+        )
+    kwargs, tensors = read_peft(directory)
+    modules = [n for n, _ in model.named_modules()]
+    # PEFT ignores modules_to_save entries that match nothing (e.g. "score" on an encoder).
+    kwargs["trainable"] = [m for m in kwargs["trainable"] if any(_name_matches(n, (m,)) for n in modules)]
+    extras = {k: v for k, v in tensors.items() if k != "theta"}
+    problems = []
+    for name, value in extras.items():
+        try:
+            param = model.get_parameter(name)
+        except AttributeError:
+            problems.append(f"{name!r} is not a parameter of {type(model).__name__}")
+            continue
+        if param.shape != value.shape:
+            problems.append(
+                f"{name!r} is {tuple(value.shape)} in the file, {tuple(param.shape)} in the model"
+            )
+    if problems:
+        raise LayoutError(
+            f"{str(directory)!r} does not fit the model: " + "; ".join(problems) + ". Load it into "
+            "the architecture it was trained on (same head size, e.g. num_labels)."
+        )
+    apply(model, **kwargs, backend=backend, recompute=recompute)  # checks all, changes nothing on error
+    with torch.no_grad():
+        _state(model).theta.copy_(tensors["theta"])
+        for name, value in extras.items():
+            model.get_parameter(name).copy_(value)
+    return model
+
+
+def save_peft(model: nn.Module, directory: str | os.PathLike, *, task_type: str | None = None) -> Path:
+    """Write ``model``'s adapter as a reference adapter directory; return the directory.
+
+    The reference adapts ``nn.Linear`` (and GPT-2 ``Conv1D``) weights only, so an adapter with
+    other targets (embeddings, convolutions, raw parameters) raises :class:`~gpart.FormatError`.
+    Target modules are written as their full names, which PEFT matches exactly; trainable
+    parameters (e.g. a classification head) are saved like ``modules_to_save``.
+
+    >>> import tempfile, torch, gpart
+    >>> model = gpart.apply(torch.nn.Sequential(torch.nn.Linear(4, 4)), d=3, seed=0)
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     sorted(p.name for p in gpart.save_peft(model, tmp).iterdir())
+    ['adapter_config.json', 'adapter_model.safetensors']
+    """
+    state = _state(model)
+    linear = _linear_types()
+    bad = [
+        t.name
+        for t in state.layout.targets
+        if not isinstance(model.get_submodule(t.module_name), linear)
+        or t.param_name not in ("weight", "bias")
+    ]
+    if bad:
+        raise FormatError(
+            f"cannot export to the reference format: {bad[:3]}{' ...' if len(bad) > 3 else ''} are not "
+            "weights/biases of nn.Linear or Conv1D modules, which is all the reference adapts. Keep "
+            "this adapter in gpart's own format (gpart.save)."
+        )
+    conv1d = any(type(model.get_submodule(t.module_name)).__name__ == "Conv1D" for t in state.layout.targets)
+    extras = {n: p for n, p in model.named_parameters() if p.requires_grad and p is not state.theta}
+    return _write_peft(
+        Path(directory),
+        state.config,
+        [t.module_name for t in state.layout.targets],
+        state.theta,
+        extras,
+        fan_in_fan_out=conv1d,
+        task_type=task_type,
+        base=getattr(getattr(model, "config", None), "_name_or_path", "") or "",
+    )
+
+
+def _write_peft(
+    directory: Path,
+    config: GPartConfig,
+    target_modules: list[str],
+    theta: torch.Tensor,
+    extras: dict[str, torch.Tensor],
+    *,
+    fan_in_fan_out: bool = False,
+    task_type: str | None = None,
+    base: str = "",
+) -> Path:
+    from safetensors.torch import save_file
+
+    if not directory.is_dir():
+        directory.mkdir(parents=True)
+    saved_modules = list(dict.fromkeys(n.rpartition(".")[0] for n in extras))
+    settings = {
+        "assignment_backend": "stateless",
+        "auto_mapping": None,
+        "base_model_name_or_path": base,
+        "bias": config.bias,
+        "d": config.d,
+        "fan_in_fan_out": fan_in_fan_out,
+        "gpart_dropout": config.dropout,
+        "grouping_strategy": "random",
+        "inference_mode": True,
+        "init_bound": config.init_bound,
+        "isometric": config.isometric,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "modules_to_save": list(dict.fromkeys([*config.trainable, *saved_modules])) or None,
+        "partition_scope": "global",
+        "peft_type": "GPART",
+        "projection_type": "partition",
+        "proj_seed": config.seed,
+        "revision": None,
+        "target_modules": list(dict.fromkeys(target_modules)),
+        "task_type": task_type,
+    }
+    tensors = {_THETA_KEY: theta.detach().to("cpu", torch.float32, copy=True).contiguous()}
+    tensors.update({_PREFIX + n: t.detach().to("cpu", copy=True).contiguous() for n, t in extras.items()})
+    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    (directory / CONFIG_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    return directory
