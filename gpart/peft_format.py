@@ -176,9 +176,20 @@ def load_peft(
             "plain base model (or gpart.remove(model) first)."
         )
     kwargs, tensors = read_peft(directory)
+    kwargs, extras = _fit(model, directory, kwargs, tensors)
+    apply(model, **kwargs, backend=backend, recompute=recompute)  # checks all, changes nothing on error
+    with torch.no_grad():
+        _state(model).theta.copy_(tensors["theta"])
+        for name, value in extras.items():
+            model.get_parameter(name).copy_(value)
+    return model
+
+
+def _fit(model: nn.Module, directory, kwargs: dict, tensors: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The apply keywords for ``model`` and the saved parameters, checked against it."""
     modules = [n for n, _ in model.named_modules()]
     # PEFT ignores modules_to_save entries that match nothing (e.g. "score" on an encoder).
-    kwargs["trainable"] = [m for m in kwargs["trainable"] if any(_name_matches(n, (m,)) for n in modules)]
+    trainable = [m for m in kwargs["trainable"] if any(_name_matches(n, (m,)) for n in modules)]
     extras = {k: v for k, v in tensors.items() if k != "theta"}
     problems = []
     for name, value in extras.items():
@@ -196,12 +207,57 @@ def load_peft(
             f"{str(directory)!r} does not fit the model: " + "; ".join(problems) + ". Load it into "
             "the architecture it was trained on (same head size, e.g. num_labels)."
         )
-    apply(model, **kwargs, backend=backend, recompute=recompute)  # checks all, changes nothing on error
-    with torch.no_grad():
-        _state(model).theta.copy_(tensors["theta"])
-        for name, value in extras.items():
-            model.get_parameter(name).copy_(value)
-    return model
+    return {**kwargs, "trainable": trainable}, extras
+
+
+def _to_gpart_file(directory: str | os.PathLike, model: nn.Module, path: str | os.PathLike) -> Path:
+    """Convert a reference adapter directory into a gpart file, for the architecture of ``model``.
+
+    ``model`` only supplies the layout (names and shapes): it is not modified, and a model on
+    the ``meta`` device (no memory, no weights) is enough.
+    """
+    from .core import _make_config, _plan
+    from .serialization import _write
+
+    kwargs, tensors = read_peft(directory)
+    kwargs, extras = _fit(model, directory, kwargs, tensors)
+    targets = kwargs.pop("targets")
+    config = _make_config(**kwargs)
+    layout, _, _ = _plan(model, config, targets=targets, target_parameters=(), backend="eager")
+    return _write(Path(path), config, layout.entries(), layout.size, tensors["theta"], extras)
+
+
+def _from_gpart_file(path: str | os.PathLike, directory: str | os.PathLike) -> Path:
+    """Convert a gpart file into a reference adapter directory (no model needed).
+
+    The file records target names and shapes, not module types: every target must be the
+    ``weight`` (or ``bias``) of a module with a 2-D weight, which the reference adapts only for
+    ``nn.Linear``/``Conv1D``; that the modules are of those types is the caller's responsibility
+    (:func:`save_peft` checks it on a live model).
+    """
+    from .serialization import _EXTRA, _check_theta, _parse, read
+
+    path = Path(path)
+    tensors, metadata = read(path)
+    config, entries = _parse(path, metadata)
+    theta = _check_theta(path, tensors, config.d)
+    dims = {name: len(shape) for name, shape in entries}
+    bad = [
+        n
+        for n, k in dims.items()
+        if not (
+            (n.endswith(".weight") and k == 2)
+            or (n.endswith(".bias") and k == 1 and dims.get(n[: -len("bias")] + "weight") == 2)
+        )
+    ]
+    if bad:
+        raise FormatError(
+            f"cannot convert {str(path)!r} to the reference format: {bad[:3]} are not 2-D module "
+            "weights (or their biases), and the reference adapts Linear/Conv1D weights only."
+        )
+    extras = {k[len(_EXTRA) :]: v for k, v in tensors.items() if k.startswith(_EXTRA)}
+    modules = [n.rpartition(".")[0] for n, _ in entries]
+    return _write_peft(Path(directory), config, modules, theta, extras)
 
 
 def save_peft(model: nn.Module, directory: str | os.PathLike, *, task_type: str | None = None) -> Path:
