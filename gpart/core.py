@@ -152,6 +152,14 @@ def _plan(
         exclude=trainable_modules,
         exact=exact,
     )
+    sharded = [
+        t.name for t in layout.targets if callable(getattr(model.get_parameter(t.name), "full_tensor", None))
+    ]
+    if sharded:
+        raise StateError(
+            f"target {sharded[0]!r} is already sharded (an FSDP2 DTensor); the partition runs over the "
+            "whole tensors. Call gpart.apply before fully_shard."
+        )
     if config.d > layout.size:
         raise ConfigError(
             f"d={config.d} exceeds D={layout.size}, the number of target entries; every group "
@@ -375,6 +383,14 @@ def merge(model: nn.Module) -> nn.Module:
     """
     state = _state(model)
     entries = _parametrized(model, state)
+    sharded = [n for n, p in model.named_parameters() if callable(getattr(p, "full_tensor", None))]
+    if sharded:
+        raise StateError(
+            f"merge on a sharded model (FSDP2 DTensor parameters, e.g. {sharded[0]!r}) is not "
+            "supported: each shard would need its own offsets into the index space. Save the adapter "
+            "(gpart.save gathers theta), then merge it into an unsharded copy of the base model "
+            "(gpart.load + gpart.merge), or merge before sharding."
+        )
     with torch.no_grad():
         for module, pname, param in entries:
             original = module.parametrizations[pname].original

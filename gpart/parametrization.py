@@ -12,6 +12,7 @@ assign=True)``) cannot leave a stale copy behind, and ``theta`` is registered ex
 
 from __future__ import annotations
 
+import sys
 import weakref
 from dataclasses import asdict, dataclass
 
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from . import _delta
+from .errors import StateError
 from .targets import Layout, Target
 
 __all__ = ["GPartConfig", "GPartParametrization", "GPartState", "SaveRecipes"]
@@ -202,6 +204,49 @@ class GPartState(nn.Module):
         )
 
 
+def _check_reentrant_checkpoint() -> None:
+    """Raise if this forward runs inside a reentrant checkpoint that would lose theta's gradient.
+
+    Reentrant checkpointing runs a block without autograd and replays it in backward, as a
+    separate backward pass, only if an input requires grad. Two silent failures follow, because
+    theta is shared by every block: (1) in a frozen model the hidden states need no grad, so the
+    block is never replayed and theta misses its gradient; (2) under DDP each replay delivers a
+    part of theta's gradient, and DDP reduces theta after the first part (measured: theta off by
+    more than its own size after 5 steps). Grad mode is off here, which is rare during training,
+    so walking up the call stack costs nothing in practice.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.checkpoint import CheckpointFunction
+
+    checkpoint_code, ddp_code = CheckpointFunction.forward.__code__, DistributedDataParallel.forward.__code__
+    frame, inside = sys._getframe(2), False
+    while frame is not None:
+        if frame.f_code is checkpoint_code and not inside:
+            inside = True
+            args = frame.f_locals.get("args", ())
+            if not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+                raise StateError(
+                    "reentrant activation checkpointing around a gpart target whose inputs do not "
+                    "require grad: the block would never be replayed in backward and theta would get "
+                    f"no gradient from it. {_NON_REENTRANT}, or make the inputs require grad "
+                    "(transformers: model.enable_input_require_grads())."
+                )
+        elif frame.f_code is ddp_code and inside:
+            raise StateError(
+                "reentrant activation checkpointing under DistributedDataParallel: theta is used by "
+                "every checkpointed block; its gradient arrives in one separate backward pass per block "
+                f"and DDP reduces an incomplete one (measured: theta wrong). {_NON_REENTRANT}."
+            )
+        frame = frame.f_back
+
+
+_NON_REENTRANT = (
+    "Use non-reentrant checkpointing (torch.utils.checkpoint.checkpoint(..., use_reentrant=False); "
+    "transformers: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+    "{'use_reentrant': False}))"
+)
+
+
 class GPartParametrization(nn.Module):
     """``W -> W0 + reshape(P theta)[interval]``, registered on one target tensor."""
 
@@ -218,6 +263,8 @@ class GPartParametrization(nn.Module):
         state: GPartState = self.state
         if not state.enabled:
             return w0
+        if not torch.is_grad_enabled() and state.theta.requires_grad and not torch.compiler.is_compiling():
+            _check_reentrant_checkpoint()
         p = state.config.dropout if self.training and self.droppable else 0.0
         return self.effective(w0, dropout=p)
 

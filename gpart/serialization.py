@@ -49,6 +49,9 @@ def save(model: nn.Module, path: str | os.PathLike, *, trainable: bool = True) -
     trainable with ``apply(..., trainable=[...])``) are saved too. The file is written beside
     ``path`` and renamed into place, so a crash mid-save never leaves a half-written adapter.
 
+    Under FSDP2 (``fully_shard``) theta and the other trainable tensors are sharded: call ``save``
+    on every rank; it gathers them (a collective) and rank 0 writes the file.
+
     >>> import tempfile, torch, gpart
     >>> model = gpart.apply(torch.nn.Sequential(torch.nn.Linear(4, 4)), d=3, seed=0)
     >>> with tempfile.TemporaryDirectory() as tmp:
@@ -60,7 +63,20 @@ def save(model: nn.Module, path: str | os.PathLike, *, trainable: bool = True) -
     extras = {}
     if trainable:
         extras = {n: p for n, p in model.named_parameters() if p.requires_grad and p is not state.theta}
-    return _write(Path(path), state.config, state.layout.entries(), state.layout.size, state.theta, extras)
+    theta = _gathered(state.theta)
+    extras = {n: _gathered(p) for n, p in extras.items()}
+    if _is_sharded(state.theta) and torch.distributed.get_rank() != 0:
+        return Path(path)
+    return _write(Path(path), state.config, state.layout.entries(), state.layout.size, theta, extras)
+
+
+def _is_sharded(t: torch.Tensor) -> bool:
+    return callable(getattr(t, "full_tensor", None))  # a DTensor (FSDP2), without importing it
+
+
+def _gathered(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: gathers a DTensor's shards (a collective: every rank must call)."""
+    return t.full_tensor() if _is_sharded(t) else t
 
 
 def _write(
