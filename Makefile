@@ -18,13 +18,13 @@ demo: $(VENV)/.installed
 	$(PY) examples/quickstart.py
 
 test: $(VENV)/.installed
-	$(PY) -m ruff check gpart tests examples benchmarks
-	$(PY) -m ruff format --check gpart tests examples benchmarks
+	$(PY) -m ruff check gpart tests examples benchmarks docs
+	$(PY) -m ruff format --check gpart tests examples benchmarks docs
 	$(PY) -m pytest -q
 
 format: $(VENV)/.installed
-	$(PY) -m ruff format gpart tests examples benchmarks
-	$(PY) -m ruff check --fix gpart tests examples benchmarks
+	$(PY) -m ruff format gpart tests examples benchmarks docs
+	$(PY) -m ruff check --fix gpart tests examples benchmarks docs
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     for size in map(int, args.sizes):
         for backend in args.backends:
             model = model_with(size)
+            targets = len(model)
             D = sum(m.weight.numel() for m in model)
             d = min(max(1, D // 1000), 1 << 20)
             before = {id(t) for t in [*model.parameters(), *model.buffers()]}
@@ -54,7 +55,6 @@ def main(argv: list[str] | None = None) -> dict:
             transient = transient_peak_bytes(
                 lambda m=model, dd=d, b=backend: gpart.apply(m, d=dd, seed=0, backend=b), "cpu"
             )
-            targets = len(model)
             rows.append(
                 {
                     "D": D,
@@ -64,12 +64,13 @@ def main(argv: list[str] | None = None) -> dict:
                     "seconds": seconds,
                     "transient_bytes": transient,
                     "persistent_bytes": persistent,
-                    "bound_8d": 8 * d,
+                    "bound": 8 * d + 8 * targets,
                 }
             )
             print(
                 f"D={D:>13,} d={d:>9,} targets={targets:>3} {backend:<9} apply {seconds:8.3f} s  "
-                f"transient {transient / 2**20:8.1f} MiB  persistent {persistent:>10,} B (8d = {8 * d:,})",
+                f"transient {transient / 2**20:8.1f} MiB  persistent {persistent:>10,} B "
+                f"(8d + 8 per target = {8 * d + 8 * targets:,})",
                 flush=True,
             )
     print(f"wrote {write_json('apply', {'machine': machine(), 'rows': rows})}")

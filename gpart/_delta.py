@@ -33,12 +33,13 @@ from .partition import (
     _hash_base,
     _mix_,
     _shr,
+    _umod,
     _umod_fast,
     group_counts,
     group_ids,
 )
 
-__all__ = ["BACKENDS", "IdsHandoff", "count_groups", "effective", "materialize", "recompute"]
+__all__ = ["BACKENDS", "IdsHandoff", "count_groups", "effective", "materialize", "recompute", "traced"]
 
 BACKENDS = ("eager", "compiled")
 # The dropout mask compares the top 24 hash bits with an integer threshold: exact on every device.
@@ -50,6 +51,7 @@ def _threshold(p: float) -> int:
     return round(p * (1 << _MASK_BITS))
 
 
+@torch.compiler.assume_constant_result  # traced code (see traced) sees a constant, not .item()
 def _keep_scale(p: float) -> float:
     return float(torch.tensor(1.0 / (1.0 - p), dtype=torch.float32))
 
@@ -354,6 +356,36 @@ def recompute(
             DEFAULT_CHUNK,
             keep,
         )
+
+
+def traced(
+    w0: torch.Tensor,
+    theta: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    base: torch.Tensor,
+    start: int,
+    dropout: float = 0.0,
+    dropout_key: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`effective` in plain differentiable torch ops, for ``torch.compile`` to trace.
+
+    No custom autograd Function, no Python-side state, no host sync: ``base`` (the hash offset,
+    ``_hash_base(seed, start)``) and the dropout key are 0-d int64 tensors. Dynamo traces it
+    without graph breaks, AOTAutograd derives the segment sum (the gather's backward), and
+    Inductor fuses it and chooses what to recompute. Same formula and rounding as the eager
+    kernel, so the same values.
+    """
+    d = theta.numel()
+    flat = w0.detach().reshape(-1)
+    idx = torch.arange(flat.numel(), dtype=torch.int64, device=w0.device)
+    z = _mix_(idx + base)
+    ids = _umod_fast(z, d, 1.0 / d, (1 << 32) % d) if d < FAST_MOD_LIMIT else _umod(z, d)
+    part = (theta * scale)[ids]
+    if dropout > 0.0:
+        keep = _keep_mask(idx, dropout_key + _hash_base(0, start), _threshold(dropout))
+        part = torch.where(keep, part * _keep_scale(dropout), 0.0)
+    return _add(flat, part).view(w0.shape)
 
 
 def materialize(

@@ -463,7 +463,15 @@ def theta(model: nn.Module) -> nn.Parameter:
 
 @dataclass(frozen=True)
 class Summary:
-    """Trainable-parameter counts of a gpart model."""
+    """Trainable-parameter counts of a gpart model, as returned by :func:`summary`.
+
+    >>> import torch, gpart
+    >>> model = gpart.apply(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)), d=3, seed=0,
+    ...                     targets=["0"], trainable=["1"])
+    >>> s = gpart.summary(model)
+    >>> (s.theta, s.other_trainable, s.trainable, s.total)
+    (3, 10, 13, 33)
+    """
 
     theta: int
     other_trainable: int

@@ -21,6 +21,7 @@ from torch import nn
 
 from . import _delta
 from .errors import StateError
+from .partition import _hash_base
 from .targets import Layout, Target
 
 __all__ = ["GPartConfig", "GPartParametrization", "GPartState", "SaveRecipes"]
@@ -258,6 +259,12 @@ class GPartParametrization(nn.Module):
         self.start = target.offset
         self.numel = target.numel
         self.droppable = target.param_name != "bias"  # the method never drops bias deltas
+        # The hash offset as a tensor, for torch.compile: a constant offset lets Inductor run its
+        # value-range analysis through the 64-bit hash with exact huge integers, which takes
+        # minutes; a buffer is a runtime input with an unknown range. 8 bytes, not saved.
+        self.register_buffer(
+            "hash_base", torch.tensor(_hash_base(state.config.seed, self.start)), persistent=False
+        )
 
     def forward(self, w0: torch.Tensor) -> torch.Tensor:
         state: GPartState = self.state
@@ -271,6 +278,17 @@ class GPartParametrization(nn.Module):
     def effective(self, w0: torch.Tensor, *, dropout: float) -> torch.Tensor:
         """``W0 + delta`` with the given dropout probability (0 for merging and evaluation)."""
         state: GPartState = self.state
+        if torch.compiler.is_compiling():  # plain ops: traced whole, no graph break, no host sync
+            key = torch.randint(0, 1 << 62, (), device=w0.device) if dropout > 0.0 else None
+            return _delta.traced(
+                w0,
+                state.theta.to(w0.device),
+                state.scale.to(w0.device, state.theta.dtype),
+                base=self.hash_base,
+                start=self.start,
+                dropout=dropout,
+                dropout_key=key,
+            )
         recipe = _Recipe(
             w0.detach(),
             state.theta.to(w0.device),

@@ -66,6 +66,7 @@ def test_all_scripts_run_and_plot(bench, tmp_path):
     results = {p.stem for p in (tmp_path / "results").glob("*.json")}
     assert results == {"step", "partition", "apply", "io", "inference", "bf16"}
     apply_row = json.loads((tmp_path / "results" / "apply.json").read_text())["rows"][0]
-    assert apply_row["persistent_bytes"] == 8 * apply_row["d"]  # theta and the scales, nothing D-sized
+    # theta and the scales (4 + 4 bytes per group), one 8-byte hash offset per target: nothing D-sized
+    assert apply_row["persistent_bytes"] == 8 * apply_row["d"] + 8 * apply_row["targets"]
     text = (tmp_path / "docs" / "benchmarks.md").read_text()
     assert "## Training step" in text and (tmp_path / "docs" / "bench_step.png").stat().st_size > 1000
