@@ -1,0 +1,311 @@
+"""GLUE with RoBERTa: GPart and the baselines (LoRA, full, head-only, BitFit) through one runner.
+
+    python examples/glue/finetune_roberta_glue.py --tasks cola,sst2,mrpc,qnli,rte,stsb --seeds 0,1,2
+    python examples/glue/finetune_roberta_glue.py --model_size large --tasks rte adapter.d 23040
+    python examples/glue/finetune_roberta_glue.py --adapter_type lora --tasks mrpc training.lr 4e-4
+    python examples/glue/finetune_roberta_glue.py --compute_params_only      # no download needed
+    python examples/glue/collect_results.py runs/glue                       # the table
+
+Recipe (the paper's, ``../shared/spec/experiments.md``): targets query/value, d = 23,040, dropout
+0.1, theta lr 5e-3, weight decay 0.1, batch 32, max length 512, linear schedule with 6% warmup,
+fp32; per-task epochs and head lr; model selection on a validation split carved from train
+(15%, at least 300 examples, seeded); the GLUE dev set is reported as the test set. Metrics:
+Matthews correlation (CoLA), Pearson (STS-B), accuracy (others), from scikit-learn / SciPy.
+
+Each run writes ``OUTPUT_DIR/<task>/<adapter>-<size>/seed<k>/``: ``config.json`` (resolved, with
+the level that set each value), ``metrics.jsonl`` (one line per epoch), ``final.json`` and the
+adapter file. Loading data and models is the only hub-dependent step (``Loaders``); the tests swap
+it for a tiny generated dataset and a RoBERTa built from a small config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import adapters, runs
+from common.config import Presets, add_arguments, resolve, save_config
+
+# Task -> text fields, metric, labels (STS-B is a regression: one output).
+TASKS = {
+    "cola": (("sentence", None), "matthews", 2),
+    "sst2": (("sentence", None), "accuracy", 2),
+    "mrpc": (("sentence1", "sentence2"), "accuracy", 2),
+    "qnli": (("question", "sentence"), "accuracy", 2),
+    "rte": (("sentence1", "sentence2"), "accuracy", 2),
+    "stsb": (("sentence1", "sentence2"), "pearson", 1),
+}
+_EPOCHS_HEAD_LR = {
+    "base": {
+        "cola": (80, 2e-3),
+        "sst2": (60, 5e-4),
+        "mrpc": (30, 1e-3),
+        "qnli": (25, 1e-3),
+        "rte": (160, 1e-2),
+        "stsb": (80, 2e-4),
+    },
+    "large": {
+        "cola": (60, 2e-2),
+        "sst2": (30, 2e-4),
+        "mrpc": (40, 2e-3),
+        "qnli": (25, 5e-3),
+        "rte": (120, 5e-3),
+        "stsb": (80, 1e-4),
+    },
+}
+PRESETS = Presets(
+    adapter={
+        "gpart": {"training.lr": 5e-3, "adapter.d": 23_040, "adapter.dropout": 0.1},
+        "lora": {"training.lr": 4e-4},
+        "full": {"training.lr": 2e-5},
+        "head": {},
+        "bitfit": {"training.lr": 1e-3},
+    },
+    task={
+        task: {
+            "task.metric": metric,
+            "task.num_labels": labels,
+            "training.epochs": _EPOCHS_HEAD_LR["base"][task][0],
+            "training.head_lr": _EPOCHS_HEAD_LR["base"][task][1],
+        }
+        for task, (_, metric, labels) in TASKS.items()
+    },
+    size={
+        "base": {"model_name": "FacebookAI/roberta-base"},
+        "large": {"model_name": "FacebookAI/roberta-large"},
+    },
+    size_task={
+        ("large", task): {"training.epochs": epochs, "training.head_lr": head_lr}
+        for task, (epochs, head_lr) in _EPOCHS_HEAD_LR["large"].items()
+    },
+)
+HEAD = ["classifier"]
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+@dataclass
+class Loaders:
+    """The hub-dependent steps: ``data(task) -> {"train": rows, "validation": rows}`` and
+    ``model(cfg) -> (model, tokenizer)``."""
+
+    data: Callable[[str], dict[str, list[dict]]]
+    model: Callable[[object], tuple[torch.nn.Module, Callable]]
+
+
+def hub_data(task: str) -> dict[str, list[dict]]:
+    from datasets import load_dataset
+
+    ds = load_dataset("nyu-mll/glue", task)
+    return {"train": list(ds["train"]), "validation": list(ds["validation"])}
+
+
+def hub_model(cfg):
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.model_name)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        cfg.model_name, num_labels=cfg.task.num_labels
+    )
+    return model, tokenizer
+
+
+HUB = Loaders(data=hub_data, model=hub_model)
+
+
+def architecture(size: str, num_labels: int):
+    """RoBERTa-base/-large shapes from transformers' config, on the meta device (parameter counts)."""
+    import transformers
+
+    shape = (
+        {}
+        if size == "base"
+        else {
+            "hidden_size": 1024,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "intermediate_size": 4096,
+        }
+    )
+    config = transformers.RobertaConfig(
+        vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, num_labels=num_labels, **shape
+    )
+    with torch.device("meta"):
+        return transformers.RobertaForSequenceClassification(config)
+
+
+# ---------------------------------------------------------------------------------------- running
+
+
+def score(metric: str, preds, labels) -> float:
+    """The task's metric from a well-kept library (scikit-learn, SciPy)."""
+    from sklearn.metrics import accuracy_score, matthews_corrcoef
+
+    if metric == "matthews":
+        return float(matthews_corrcoef(labels, preds))
+    if metric == "pearson":
+        from scipy.stats import pearsonr
+
+        return float(pearsonr(preds, labels)[0])
+    return float(accuracy_score(labels, preds))
+
+
+def carve(rows: list[dict], training, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, validation): a seeded ``val_fraction`` of train, at least ``min_val_examples``
+    (at most half of it, for tiny test data)."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_val = min(max(int(training.val_fraction * len(rows)), training.min_val_examples), len(rows) // 2)
+    return [rows[i] for i in order[n_val:]], [rows[i] for i in order[:n_val]]
+
+
+def batches(rows, tokenizer, keys, cfg, *, shuffle: bool, seed: int = 0):
+    order = list(range(len(rows)))
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    size = cfg.training.batch_size
+    for lo in range(0, len(order), size):
+        chunk = [rows[i] for i in order[lo : lo + size]]
+        first = [r[keys[0]] for r in chunk]
+        second = [r[keys[1]] for r in chunk] if keys[1] else None
+        enc = tokenizer(
+            first,
+            second,
+            truncation=True,
+            max_length=cfg.training.max_seq_length,
+            padding=True,
+            return_tensors="pt",
+        )
+        dtype = torch.float32 if cfg.task.num_labels == 1 else torch.long
+        yield dict(enc), torch.tensor([r["label"] for r in chunk], dtype=dtype)
+
+
+def evaluate(model, rows, tokenizer, keys, cfg) -> float:
+    model.eval()
+    preds, labels = [], []
+    with torch.no_grad():
+        for enc, y in batches(rows, tokenizer, keys, cfg, shuffle=False):
+            logits = model(**enc).logits
+            preds += (logits.squeeze(-1) if cfg.task.num_labels == 1 else logits.argmax(-1)).tolist()
+            labels += y.tolist()
+    return score(cfg.task.metric, preds, labels)
+
+
+def run(cfg, loaders: Loaders) -> dict:
+    """Train one (task, adapter, size, seed) and write its run folder; return ``final.json``'s content."""
+    from tqdm.auto import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    seed = cfg.training.seed
+    random.seed(seed)
+    torch.manual_seed(seed)
+    folder = runs.run_dir(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.jsonl").unlink(missing_ok=True)
+    save_config(cfg, folder / "config.json")
+    keys = TASKS[cfg.task.name][0]
+    data = loaders.data(cfg.task.name)
+    train_rows, val_rows = carve(data["train"], cfg.training, seed)
+    test_rows = data["validation"]  # GLUE dev = the test set
+    model, tokenizer = loaders.model(cfg)
+    adapter_params, head_params = adapters.setup(model, cfg.adapter, head=HEAD, seed=seed)
+    params = adapters.count(adapter_params, head_params, model)
+    opt = torch.optim.AdamW(adapters.param_groups(adapter_params, head_params, cfg.training))
+    steps_per_epoch = -(-len(train_rows) // cfg.training.batch_size)
+    total = steps_per_epoch * cfg.training.epochs
+    sched = get_linear_schedule_with_warmup(opt, int(cfg.training.warmup_ratio * total), total)
+    best = (-float("inf"), 0, None)
+    for epoch in range(1, cfg.training.epochs + 1):
+        model.train()
+        losses = []
+        bar = tqdm(total=steps_per_epoch, desc=f"{cfg.task.name} epoch {epoch}", leave=False)
+        for enc, y in batches(train_rows, tokenizer, keys, cfg, shuffle=True, seed=seed * 100_003 + epoch):
+            loss = model(**enc, labels=y).loss
+            loss.backward()
+            if cfg.training.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(
+                    [p for g in opt.param_groups for p in g["params"]], cfg.training.max_grad_norm
+                )
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            bar.update()
+        bar.close()
+        val = evaluate(model, val_rows, tokenizer, keys, cfg)
+        record = {"epoch": epoch, "train_loss": sum(losses) / len(losses), "val_metric": val}
+        runs.append_jsonl(folder / "metrics.jsonl", record)
+        print(
+            f"{cfg.task.name} {cfg.adapter.kind} seed {seed} epoch {epoch}: "
+            f"loss {record['train_loss']:.4f} val {cfg.task.metric} {val:.4f}"
+        )
+        if cfg.training.model_selection == "last" or val > best[0]:
+            best = (val, epoch, adapters.trainable_state(model))
+    adapters.restore(model, best[2])
+    test = evaluate(model, test_rows, tokenizer, keys, cfg)
+    adapters.save_adapter(model, folder / "adapter.safetensors")
+    final = {
+        "task": cfg.task.name,
+        "adapter_type": cfg.adapter.kind,
+        "model_size": cfg.model_size,
+        "seed": seed,
+        "metric": cfg.task.metric,
+        "best_epoch": best[1],
+        "val_metric": best[0],
+        "test_metric": test,
+        "params": params,
+    }
+    (folder / "final.json").write_text(json.dumps(final, indent=2) + "\n")
+    print(
+        f"{cfg.task.name} {cfg.adapter.kind} seed {seed}: best epoch {best[1]}, "
+        f"test {cfg.task.metric} {test:.4f}"
+    )
+    return final
+
+
+def params_only(cfg) -> dict:
+    model = architecture(cfg.model_size, cfg.task.num_labels)
+    adapter_params, head_params = adapters.setup(model, cfg.adapter, head=HEAD, seed=cfg.training.seed)
+    counts = adapters.count(adapter_params, head_params, model)
+    print(
+        f"{cfg.task.name} {cfg.adapter.kind} ({cfg.model_size}): theta/adapter = {counts['adapter']:,} | "
+        f"head = {counts['head']:,} | trainable = {counts['trainable']:,} of {counts['total']:,} "
+        f"({100 * counts['trainable'] / counts['total']:.3f}%)"
+    )
+    return counts
+
+
+def main(argv: list[str] | None = None, loaders: Loaders = HUB) -> list[dict]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(parser, PRESETS)
+    parser.add_argument("--seeds", default="0", help="comma-separated run seeds, e.g. 0,1,2")
+    parser.add_argument("--output_dir", default="runs/glue")
+    parser.add_argument("--compute_params_only", action="store_true", help="print parameter counts and exit")
+    args = parser.parse_args(argv)
+    results = []
+    for task in args.tasks:
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            cfg = resolve(
+                PRESETS,
+                adapter_type=args.adapter_type,
+                task=task,
+                model_size=args.model_size,
+                overrides=["training.seed", str(seed), "output_dir", args.output_dir, *args.overrides],
+            )
+            results.append(params_only(cfg) if args.compute_params_only else run(cfg, loaders))
+    return results
+
+
+if __name__ == "__main__":
+    main()
