@@ -28,7 +28,7 @@ def _torchrun(tmp_path: Path, nproc: int, *args: str) -> tuple[subprocess.Comple
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd += [str(SCRIPT), *args, "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False), out
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=150, check=False), out
 
 
 @pytest.fixture(scope="module")

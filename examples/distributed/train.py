@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
             save()
     if rank == 0:
         print(f"done: {args.engine}, {world} process(es), loss {loss.item():.4f}")
+    dist.barrier()  # leave together: a rank that exits while another is still saving can hang gloo's teardown
     dist.destroy_process_group()
 
 
