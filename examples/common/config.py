@@ -5,7 +5,8 @@ Precedence, later wins:
 1. dataclass defaults;
 2. the adapter preset (``Presets.adapter[adapter_type]``);
 3. the task's overrides (``Presets.task[task]``);
-4. the model-size preset (``Presets.size[model_size]``, then ``Presets.size_task[(size, task)]``);
+4. the model-size preset (``Presets.size[model_size]``, then ``Presets.size_task[(size, task)]``
+   and ``Presets.size_adapter[(size, adapter_type)]``);
 5. command-line ``key value`` pairs: ``adapter.d 16384 training.lr 0.001 adapter.isometric False``.
 
 Every level speaks the same dotted keys (``adapter.*``, ``training.*``, ``task.*``, or a top-level
@@ -127,6 +128,7 @@ class TaskConfig:
     name: str = ""
     metric: str = "accuracy"
     num_labels: int = 2
+    data_root: str = ""  # a local data folder, for datasets that are not on the hub (DTD)
 
 
 @dataclass
@@ -146,12 +148,15 @@ class ExperimentConfig:
 
 @dataclass
 class Presets:
-    """A runner's layered presets: dotted key -> value dicts per level."""
+    """A runner's layered presets: dotted key -> value dicts per level (``defaults``: the runner's
+    own defaults, applied right after the dataclass defaults)."""
 
+    defaults: dict[str, Any] = field(default_factory=dict)
     adapter: dict[str, dict[str, Any]] = field(default_factory=dict)
     task: dict[str, dict[str, Any]] = field(default_factory=dict)
     size: dict[str, dict[str, Any]] = field(default_factory=dict)
     size_task: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    size_adapter: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # e.g. d per size
 
 
 class OverrideError(ValueError):
@@ -179,10 +184,12 @@ def resolve(
     cfg = ExperimentConfig(adapter=ADAPTERS[adapter_type](), model_size=model_size)
     cfg.task.name = task
     levels = [
+        ("runner defaults", presets.defaults),
         ("adapter preset", presets.adapter.get(adapter_type, {})),
         ("task overrides", presets.task[task]),
         ("model-size preset", presets.size.get(model_size, {})),
         ("model-size preset", presets.size_task.get((model_size, task), {})),
+        ("model-size preset", presets.size_adapter.get((model_size, adapter_type), {})),
         ("command line", dict(parse_pairs(overrides or []))),
     ]
     for level, values in levels:

@@ -21,7 +21,6 @@ it for a tiny generated dataset and a RoBERTa built from a small config.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 from collections.abc import Callable
@@ -31,8 +30,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import adapters, runs
-from common.config import Presets, add_arguments, resolve, save_config
+from common import adapters, training
+from common.config import Presets, add_arguments, resolve
 
 # Task -> text fields, metric, labels (STS-B is a regression: one output).
 TASKS = {
@@ -190,7 +189,6 @@ def batches(rows, tokenizer, keys, cfg, *, shuffle: bool, seed: int = 0):
 
 
 def evaluate(model, rows, tokenizer, keys, cfg) -> float:
-    model.eval()
     preds, labels = [], []
     with torch.no_grad():
         for enc, y in batches(rows, tokenizer, keys, cfg, shuffle=False):
@@ -202,74 +200,27 @@ def evaluate(model, rows, tokenizer, keys, cfg) -> float:
 
 def run(cfg, loaders: Loaders) -> dict:
     """Train one (task, adapter, size, seed) and write its run folder; return ``final.json``'s content."""
-    from tqdm.auto import tqdm
-    from transformers import get_linear_schedule_with_warmup
-
-    seed = cfg.training.seed
-    random.seed(seed)
-    torch.manual_seed(seed)
-    folder = runs.run_dir(cfg)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "metrics.jsonl").unlink(missing_ok=True)
-    save_config(cfg, folder / "config.json")
+    folder = training.start(cfg)
     keys = TASKS[cfg.task.name][0]
     data = loaders.data(cfg.task.name)
-    train_rows, val_rows = carve(data["train"], cfg.training, seed)
-    test_rows = data["validation"]  # GLUE dev = the test set
+    splits = dict(zip(("train", "val"), carve(data["train"], cfg.training, cfg.training.seed), strict=True))
+    splits["test"] = data["validation"]  # GLUE dev = the test set
     model, tokenizer = loaders.model(cfg)
-    adapter_params, head_params = adapters.setup(model, cfg.adapter, head=HEAD, seed=seed)
-    params = adapters.count(adapter_params, head_params, model)
-    opt = torch.optim.AdamW(adapters.param_groups(adapter_params, head_params, cfg.training))
-    steps_per_epoch = -(-len(train_rows) // cfg.training.batch_size)
-    total = steps_per_epoch * cfg.training.epochs
-    sched = get_linear_schedule_with_warmup(opt, int(cfg.training.warmup_ratio * total), total)
-    best = (-float("inf"), 0, None)
-    for epoch in range(1, cfg.training.epochs + 1):
-        model.train()
-        losses = []
-        bar = tqdm(total=steps_per_epoch, desc=f"{cfg.task.name} epoch {epoch}", leave=False)
-        for enc, y in batches(train_rows, tokenizer, keys, cfg, shuffle=True, seed=seed * 100_003 + epoch):
-            loss = model(**enc, labels=y).loss
-            loss.backward()
-            if cfg.training.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(
-                    [p for g in opt.param_groups for p in g["params"]], cfg.training.max_grad_norm
-                )
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            bar.update()
-        bar.close()
-        val = evaluate(model, val_rows, tokenizer, keys, cfg)
-        record = {"epoch": epoch, "train_loss": sum(losses) / len(losses), "val_metric": val}
-        runs.append_jsonl(folder / "metrics.jsonl", record)
-        print(
-            f"{cfg.task.name} {cfg.adapter.kind} seed {seed} epoch {epoch}: "
-            f"loss {record['train_loss']:.4f} val {cfg.task.metric} {val:.4f}"
+
+    def train_batches(epoch: int):
+        return batches(
+            splits["train"], tokenizer, keys, cfg, shuffle=True, seed=cfg.training.seed * 100_003 + epoch
         )
-        if cfg.training.model_selection == "last" or val > best[0]:
-            best = (val, epoch, adapters.trainable_state(model))
-    adapters.restore(model, best[2])
-    test = evaluate(model, test_rows, tokenizer, keys, cfg)
-    adapters.save_adapter(model, folder / "adapter.safetensors")
-    final = {
-        "task": cfg.task.name,
-        "adapter_type": cfg.adapter.kind,
-        "model_size": cfg.model_size,
-        "seed": seed,
-        "metric": cfg.task.metric,
-        "best_epoch": best[1],
-        "val_metric": best[0],
-        "test_metric": test,
-        "params": params,
-    }
-    (folder / "final.json").write_text(json.dumps(final, indent=2) + "\n")
-    print(
-        f"{cfg.task.name} {cfg.adapter.kind} seed {seed}: best epoch {best[1]}, "
-        f"test {cfg.task.metric} {test:.4f}"
+
+    return training.fit(
+        cfg,
+        model,
+        folder,
+        head=HEAD,
+        train_batches=train_batches,
+        steps_per_epoch=-(-len(splits["train"]) // cfg.training.batch_size),
+        evaluate=lambda split: evaluate(model, splits[split], tokenizer, keys, cfg),
     )
-    return final
 
 
 def params_only(cfg) -> dict:
