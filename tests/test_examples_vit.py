@@ -12,8 +12,6 @@ import torch
 transformers = pytest.importorskip("transformers")
 PIL = pytest.importorskip("PIL")
 sys.path.insert(0, str(Path(__file__).parents[1] / "examples" / "vision"))
-sys.path.insert(0, str(Path(__file__).parents[1] / "examples" / "glue"))
-import collect_results  # noqa: E402
 import finetune_vit as vit  # noqa: E402
 
 
@@ -100,7 +98,14 @@ def test_vit_runs_end_to_end_with_a_held_out_split_and_local_dtd(tmp_path):
     assert config["training"]["batch_size"] == 8 and config["adapter"]["d"] == 64
     assert len((folder / "metrics.jsonl").read_text().splitlines()) == 2
     assert 0.0 <= results[0]["test_metric"] <= 1.0 and results[0]["params"]["adapter"] == 64
-    assert "| gpart (base) |" in collect_results.main([str(out)])
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "vit_collect", Path(vit.__file__).parent / "collect_results.py"
+    )
+    collector = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(collector)
+    assert "| gpart (base) |" in collector.main([str(out)])
 
 
 def test_vit_base_recipe_counts():
