@@ -1,8 +1,8 @@
 """Set a model up for each adapter type of the runners: gpart, lora, full, head, bitfit.
 
-Every function returns the adapter's trainable parameters and the head's (the head is trained by
-every method except where it is the method). LoRA is PEFT's when installed with a LoRA config,
-else the minimal pure-torch LoRA below (same math: ``W x + (alpha / r) B A x``).
+:func:`setup` returns the adapter's trainable parameters and the head's (every method trains the
+task head). LoRA is the minimal pure-torch LoRA below (``W x + (alpha / r) B A x``, B zero-init),
+so the baselines need no PEFT.
 """
 
 from __future__ import annotations

@@ -28,7 +28,11 @@ def collect_results(root: str | Path, *, latex: bool = False) -> str:
         for bench in ("gsm8k", "math"):
             v = benches.get(bench, [])
             std = statistics.stdev(v) if len(v) > 1 else 0.0
-            cells.append(f"{statistics.mean(v):.2f} ± {std:.2f} (n={len(v)})" if v else "-")
+            cells.append(
+                f"{statistics.mean(v):.2f} / {statistics.median(v):.2f} ± {std:.2f} (n={len(v)})"
+                if v
+                else "-"
+            )
         body.append([key, *cells])
     if latex:
         rows = [" & ".join(c.replace("±", "$\\pm$") for c in r) + " \\\\" for r in body]
