@@ -62,3 +62,19 @@ def table(rows: list[dict], *, metric_key: str = "test_metric", latex: bool = Fa
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in body]
     return "\n".join(lines) + "\n\nCells: mean / median ± std over seeds (metric x 100)."
+
+
+def collector_main(argv, *, doc: str, default_root: str) -> str:
+    """The ``collect_results.py`` command line of the classification runners."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("root", nargs="?", default=default_root)
+    p.add_argument("--latex", action="store_true")
+    args = p.parse_args(argv)
+    rows = collect(args.root)
+    if not rows:
+        raise SystemExit(f"no final.json under {args.root}: run the runner first")
+    text = table(rows, latex=args.latex)
+    print(text)
+    return text

@@ -116,3 +116,34 @@ def fit(
         f"test {cfg.task.metric} {test:.4f}"
     )
     return final
+
+
+def main_loop(
+    argv, *, doc: str, presets, output_dir: str, run: Callable, params_only: Callable
+) -> list[dict]:
+    """A classification runner's command line: ``--adapter_type``, ``--tasks``, ``--model_size``,
+    ``--seeds``, ``--output_dir``, ``--compute_params_only`` and ``key value`` overrides; one run
+    (or parameter count) per task and seed."""
+    import argparse
+
+    from .config import add_arguments, resolve
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser, presets)
+    parser.add_argument("--seeds", default="0", help="comma-separated run seeds, e.g. 0,1,2")
+    parser.add_argument("--output_dir", default=output_dir)
+    parser.add_argument("--compute_params_only", action="store_true", help="print parameter counts and exit")
+    args = parser.parse_args(argv)
+    results = []
+    for task in args.tasks:
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            overrides = ["training.seed", str(seed), "output_dir", args.output_dir, *args.overrides]
+            cfg = resolve(
+                presets,
+                adapter_type=args.adapter_type,
+                task=task,
+                model_size=args.model_size,
+                overrides=overrides,
+            )
+            results.append(params_only(cfg) if args.compute_params_only else run(cfg))
+    return results

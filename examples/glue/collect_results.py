@@ -6,7 +6,6 @@ python examples/glue/collect_results.py runs/glue --latex
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -14,21 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import runs
 
 
-def collect_results(root: str | Path, *, latex: bool = False) -> str:
-    rows = runs.collect(root)
-    if not rows:
-        raise SystemExit(f"no final.json under {root}: run finetune_roberta_glue.py first")
-    return runs.table(rows, latex=latex)
-
-
 def main(argv: list[str] | None = None) -> str:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("root", nargs="?", default="runs/glue")
-    p.add_argument("--latex", action="store_true")
-    args = p.parse_args(argv)
-    text = collect_results(args.root, latex=args.latex)
-    print(text)
-    return text
+    return runs.collector_main(argv, doc=__doc__, default_root="runs/glue")
 
 
 if __name__ == "__main__":

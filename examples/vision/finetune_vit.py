@@ -16,7 +16,6 @@ the test split is reported.
 
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 from collections.abc import Callable
@@ -27,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import adapters, training
-from common.config import Presets, add_arguments, resolve
+from common.config import Presets
 
 # name -> (hub dataset id, image column, label column, classes); dtd is read from a local folder.
 DATASETS = {
@@ -229,32 +228,14 @@ def params_only(cfg) -> dict:
 
 
 def main(argv: list[str] | None = None, loaders: Loaders = HUB) -> list[dict]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    return training.main_loop(
+        argv,
+        doc=__doc__,
+        presets=PRESETS,
+        output_dir="runs/vit",
+        run=lambda cfg: run(cfg, loaders),
+        params_only=params_only,
     )
-    add_arguments(parser, PRESETS)
-    parser.add_argument("--seeds", default="0")
-    parser.add_argument("--output_dir", default="runs/vit")
-    parser.add_argument("--compute_params_only", action="store_true")
-    args = parser.parse_args(argv)
-    results = []
-    for task in args.tasks:
-        for seed in [int(s) for s in args.seeds.split(",")]:
-            cfg = resolve(
-                PRESETS,
-                adapter_type=args.adapter_type,
-                task=task,
-                model_size=args.model_size,
-                overrides=[
-                    "training.seed",
-                    str(seed),
-                    "output_dir",
-                    args.output_dir,
-                    *args.overrides,
-                ],
-            )
-            results.append(params_only(cfg) if args.compute_params_only else run(cfg, loaders))
-    return results
 
 
 if __name__ == "__main__":
