@@ -27,9 +27,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .core import _find_state, _state, apply
+from .core import _find_state, _make_config, _plan, _state, apply
 from .errors import FormatError, LayoutError, StateError
 from .parametrization import GPartConfig
+from .serialization import _EXTRA, _check_theta, _fit_params, _parse, _write, read
 from .targets import _linear_types, _name_matches
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "load_peft", "read_peft", "save_peft"]
@@ -191,17 +192,7 @@ def _fit(model: nn.Module, directory, kwargs: dict, tensors: dict) -> tuple[dict
     # PEFT ignores modules_to_save entries that match nothing (e.g. "score" on an encoder).
     trainable = [m for m in kwargs["trainable"] if any(_name_matches(n, (m,)) for n in modules)]
     extras = {k: v for k, v in tensors.items() if k != "theta"}
-    problems = []
-    for name, value in extras.items():
-        try:
-            param = model.get_parameter(name)
-        except AttributeError:
-            problems.append(f"{name!r} is not a parameter of {type(model).__name__}")
-            continue
-        if param.shape != value.shape:
-            problems.append(
-                f"{name!r} is {tuple(value.shape)} in the file, {tuple(param.shape)} in the model"
-            )
+    _, problems = _fit_params(model, extras)
     if problems:
         raise LayoutError(
             f"{str(directory)!r} does not fit the model: " + "; ".join(problems) + ". Load it into "
@@ -216,9 +207,6 @@ def _to_gpart_file(directory: str | os.PathLike, model: nn.Module, path: str | o
     ``model`` only supplies the layout (names and shapes): it is not modified, and a model on
     the ``meta`` device (no memory, no weights) is enough.
     """
-    from .core import _make_config, _plan
-    from .serialization import _write
-
     kwargs, tensors = read_peft(directory)
     kwargs, extras = _fit(model, directory, kwargs, tensors)
     targets = kwargs.pop("targets")
@@ -235,8 +223,6 @@ def _from_gpart_file(path: str | os.PathLike, directory: str | os.PathLike) -> P
     ``nn.Linear``/``Conv1D``; that the modules are of those types is the caller's responsibility
     (:func:`save_peft` checks it on a live model).
     """
-    from .serialization import _EXTRA, _check_theta, _parse, read
-
     path = Path(path)
     tensors, metadata = read(path)
     config, entries = _parse(path, metadata)

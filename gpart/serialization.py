@@ -226,22 +226,28 @@ def _layout_differences(
     return diffs
 
 
-def _check_extras(path: Path, model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, nn.Parameter]:
+def _fit_params(
+    model: nn.Module, tensors: dict[str, torch.Tensor]
+) -> tuple[dict[str, nn.Parameter], list[str]]:
+    """The model's parameter for each named tensor, and one line per name that is missing or misshaped."""
     out, problems = {}, []
-    for key, value in tensors.items():
-        if not key.startswith(_EXTRA):
-            continue
-        name = key[len(_EXTRA) :]
+    for name, value in tensors.items():
         try:
             param = model.get_parameter(name)
         except AttributeError:
-            problems.append(f"{name!r} is not a parameter of the model")
+            problems.append(f"{name!r} is not a parameter of {type(model).__name__}")
             continue
         if param.shape != value.shape:
             problems.append(
                 f"{name!r} has shape {tuple(value.shape)} in the file, {tuple(param.shape)} in the model"
             )
         out[name] = param
+    return out, problems
+
+
+def _check_extras(path: Path, model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, nn.Parameter]:
+    extras = {k[len(_EXTRA) :]: v for k, v in tensors.items() if k.startswith(_EXTRA)}
+    out, problems = _fit_params(model, extras)
     if problems:
         raise LayoutError(
             f"{str(path)!r}: saved trainable tensors do not fit the model: "
