@@ -105,7 +105,9 @@ def _eager_segment_sum(grad, start, d, seed, p, key, chunk, dtype, ids=None):
 def _fused_ids_keep(n, device, base, d, inv_d, two32, kbase, thresh, dropout: bool):
     """Group ids (int64) and the keep-mask (None without dropout) of ``n`` consecutive positions."""
     idx = torch.arange(n, dtype=torch.int64, device=device)
-    ids = _umod_fast(_mix_(idx + base), d, inv_d, two32)
+    z = _mix_(idx + base)
+    # A Python-int d beyond the float-assisted modulo's range (only from `traced`) takes the remainder.
+    ids = _umod(z, d) if isinstance(d, int) and d >= FAST_MOD_LIMIT else _umod_fast(z, d, inv_d, two32)
     return ids, (_keep_mask(idx, kbase, thresh) if dropout else None)
 
 
@@ -377,15 +379,20 @@ def traced(
     kernel, so the same values.
     """
     d = theta.numel()
-    flat = w0.detach().reshape(-1)
-    idx = torch.arange(flat.numel(), dtype=torch.int64, device=w0.device)
-    z = _mix_(idx + base)
-    ids = _umod_fast(z, d, 1.0 / d, (1 << 32) % d) if d < FAST_MOD_LIMIT else _umod(z, d)
-    part = (theta * scale)[ids]
-    if dropout > 0.0:
-        keep = _keep_mask(idx, dropout_key + _hash_base(0, start), _threshold(dropout))
-        part = torch.where(keep, part * _keep_scale(dropout), 0.0)
-    return _add(flat, part).view(w0.shape)
+    on = dropout > 0.0
+    out = _fused_forward(  # the compiled kernel's formula, here differentiated by AOTAutograd
+        w0.detach().reshape(-1),
+        theta * scale,
+        base,
+        d,
+        1.0 / d,
+        (1 << 32) % d,
+        dropout_key + _hash_base(0, start) if on else None,
+        _threshold(dropout) if on else None,
+        _keep_scale(dropout) if on else 1.0,
+        on,
+    )
+    return out.view(w0.shape)
 
 
 def materialize(
