@@ -85,34 +85,45 @@ def _hash_base(key: int, start: int) -> int:
     return _as_int64(key + start + _GOLDEN)
 
 
-#: :func:`_umod_fast` is exact for d below this bound (products stay below 2**63).
+#: :func:`_umod_fast` serves d below this bound (group ids are handed around as int32).
 FAST_MOD_LIMIT = 1 << 31
+_TWO64 = float(_U64)
+# The largest float64 below 2**63: a quotient estimate clamped to it converts to int64 exactly.
+_QMAX = float((1 << 63) - (1 << 10))
 
 
-def _fmod32(x: torch.Tensor, d_f, inv_d) -> torch.Tensor:
-    """``x mod d`` in float64 for integer-valued ``0 <= x < 2**32``: every step is exact
-    (values below 2**53) and the quotient estimate is off by at most one."""
-    r = x - (x * inv_d).floor() * d_f
-    r = torch.where(r < 0, r + d_f, r)
-    return torch.where(r >= d_f, r - d_f, r)
+def _umod_fast(z: torch.Tensor, d, inv_d) -> torch.Tensor:
+    """Unsigned ``z mod d`` without integer division (which has no SIMD form), for ``2 <= d < 2**31``.
 
-
-def _umod_fast(z: torch.Tensor, d, inv_d, two32_mod_d) -> torch.Tensor:
-    """Unsigned ``z mod d`` without integer division (which has no SIMD form), for d < 2**31.
-
-    With ``z = hi * 2**32 + lo``: ``z mod d = ((hi mod d) * (2**32 mod d) + (lo mod d)) mod d``.
-    The two inner reductions run in float64 (exact below 2**53); the outer one sees
-    ``t < d**2 + d < 2**63`` with a float64 quotient off by at most one, so a correction each way
-    makes it exact. ``d``, ``inv_d = 1/d`` (float64) and ``two32_mod_d`` may be 0-d tensors
-    (compiled callers pass tensors so that one compiled kernel serves every d).
+    A float64 estimate of the quotient, an exact int64 remainder, one exact float64 correction.
+    Why it is exact: ``z`` read as unsigned is ``u < 2**64``; its float64 image is off by less
+    than ``2**11``, so with ``inv_d = fl(1/d)`` the estimate ``q = floor(u' * inv_d)`` is off by at
+    most ``2**13 / d + 1`` from ``u // d``. Then ``r = z - q*d``, computed with int64 wraparound
+    (the same low 64 bits as in unsigned arithmetic), is the true ``u - q*d`` since
+    ``|r| < 2**13 + 2*d``, and exact in float64. There ``r * inv_d`` is within
+    ``2**-52 * |r| / d`` of ``r / d``, less than the ``1/d`` that separates a non-integer ``r / d``
+    from the next integer: ``floor`` is exact, or one too low when ``d`` divides ``r``, which leaves
+    ``r - floor(...) * d == d``; one correction removes it. The clamp keeps ``q`` inside int64 (a
+    float beyond it converts to an undefined value in C++; it binds only for d = 2). d = 1 would
+    overflow ``r``: powers of two take :func:`_umod_pow2`. ``d`` and ``inv_d`` may be 0-d tensors
+    (compiled callers pass tensors so that one compiled kernel serves every d). Returns int64.
     """
+    zf = z.to(torch.float64)
+    zf = torch.where(z < 0, zf + _TWO64, zf)  # the unsigned value, approximately
+    q = (zf * inv_d).floor().clamp(max=_QMAX).to(torch.int64)
+    r = (z - q * d).to(torch.float64)
     d_f = d.to(torch.float64) if isinstance(d, torch.Tensor) else float(d)
-    hi = _shr(z, 32).to(torch.float64)
-    lo = (z & 0xFFFFFFFF).to(torch.float64)
-    t = _fmod32(hi, d_f, inv_d).to(torch.int64) * two32_mod_d + _fmod32(lo, d_f, inv_d).to(torch.int64)
-    r = t - (t.to(torch.float64) * inv_d).floor().to(torch.int64) * d
-    r = torch.where(r < 0, r + d, r)
-    return torch.where(r >= d, r - d, r)
+    r = r - (r * inv_d).floor() * d_f
+    return torch.where(r >= d_f, r - d_f, r).to(torch.int64)
+
+
+def _umod_pow2(z: torch.Tensor, d) -> torch.Tensor:
+    """Unsigned ``z mod d`` for a power of two ``d`` (1 included): its low bits."""
+    return z & (d - 1)
+
+
+def _is_pow2(d: int) -> bool:
+    return d & (d - 1) == 0
 
 
 def group_ids(

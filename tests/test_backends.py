@@ -14,25 +14,36 @@ from torch import nn
 import gpart
 import gpart.core
 from gpart import _delta
-from gpart.partition import FAST_MOD_LIMIT, _umod, _umod_fast
+from gpart.partition import FAST_MOD_LIMIT, _umod, _umod_fast, _umod_pow2, group_ids
 
 INT64 = st.integers(-(2**63), 2**63 - 1)
 
 
-@settings(max_examples=300, deadline=None)
-@given(z=st.lists(INT64, min_size=1, max_size=32), d=st.integers(1, FAST_MOD_LIMIT - 1))
+@settings(max_examples=500, deadline=None)
+@given(z=st.lists(INT64, min_size=1, max_size=32), d=st.integers(2, FAST_MOD_LIMIT - 1))
 def test_division_free_modulo_is_exact(z, d):
     zt = torch.tensor(z, dtype=torch.int64)
     inv = torch.tensor(1.0 / d, dtype=torch.float64)
-    assert torch.equal(_umod_fast(zt, d, inv, (1 << 32) % d), _umod(zt, d))
+    assert torch.equal(_umod_fast(zt, torch.tensor(d), inv), _umod(zt, d))
 
 
-@pytest.mark.parametrize("d", [1, 2, 3, 2**20 + 7, 2**31 - 1])
+# The quotient estimate is worst where z/d sits just below an integer, for large z and tiny or huge d.
+EDGES = [0, 1, -1, 2**63 - 1, -(2**63), 2**32 - 1, 2**32, 2**53, 2**53 + 1, -(2**53) - 1, -1025, -1024]
+
+
+@pytest.mark.parametrize("d", [2, 3, 5, 641, 2**20 + 7, 23040, 2**31 - 1, 2**31 - 2, 3 * 2**29])
 def test_division_free_modulo_at_the_edges(d):
-    edges = [0, 1, -1, 2**63 - 1, -(2**63), 2**32 - 1, 2**32, d - 1, d, -d]
-    zt = torch.tensor(edges + list(range(-50, 50)), dtype=torch.int64)
+    near = [m - k for m in (2**64 // d * d, 2**63 // d * d, 2**62 // d * d) for k in (-2, -1, 0, 1, 2)]
+    values = [v - 2**64 if v >= 2**63 else v for v in [v % 2**64 for v in near]]
+    zt = torch.tensor(EDGES + values + [d - 1, d, -d] + list(range(-50, 50)), dtype=torch.int64)
     inv = torch.tensor(1.0 / d, dtype=torch.float64)
-    assert torch.equal(_umod_fast(zt, d, inv, (1 << 32) % d), _umod(zt, d))
+    assert torch.equal(_umod_fast(zt, d, inv), _umod(zt, d))
+
+
+@given(z=st.lists(INT64, min_size=1, max_size=32), k=st.integers(0, 62))
+def test_power_of_two_modulo_is_the_low_bits(z, k):
+    zt = torch.tensor(z, dtype=torch.int64)
+    assert torch.equal(_umod_pow2(zt, 2**k), _umod(zt, 2**k))
 
 
 compiled = pytest.mark.skipif(
@@ -56,6 +67,8 @@ def test_compiled_matches_eager_bit_for_bit(dtype, dropout, device):
         (7, -1, 5, (3, 5)),
         (1000, 2**64 + 5, 2**40, (37, 29)),
         (23040, 0, 0, (64, 64)),
+        (4096, 11, 2**33, (50, 30)),  # powers of two take the mask
+        (1, 3, 9, (4, 4)),
     ]:
         w0 = torch.randn(shape).to(device, dtype)
         scale = torch.rand(d, device=device)
@@ -74,6 +87,46 @@ def test_compiled_matches_eager_bit_for_bit(dtype, dropout, device):
             assert torch.equal(grads[0], grads[1])
         else:  # CUDA's index_add_ sums with atomics: the order, hence the last bits, vary run to run
             torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
+@compiled
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_large_segment_sums_are_split_in_halves_by_every_kernel(dropout):
+    """Above _SPLIT_MIN a CPU segment sum adds two halves' sums: the same bits from every kernel,
+    with the ids handed over or regenerated, on one thread or two."""
+    d, start, seed, key, shape = 1000, 12345, 7, 99, (300, 500)
+    grad = torch.randn(shape)
+    n = grad.numel()
+    assert n >= _delta._SPLIT_MIN
+    handoff = _delta.IdsHandoff()
+    w0, theta, scale = torch.zeros(shape), torch.zeros(d), torch.ones(d)
+    _delta.recompute(
+        w0,
+        theta,
+        scale,
+        start=start,
+        seed=seed,
+        dropout=dropout,
+        dropout_key=key,
+        backend="compiled",
+        handoff=handoff,
+    )
+    ids = handoff.take(start, key)
+    args = (start, d, seed, dropout, key, 1 << 14, torch.float32)
+    eager = _delta._eager_segment_sum(grad, *args)
+    assert torch.equal(_delta._compiled_segment_sum(grad, *args), eager)
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            assert torch.equal(_delta._compiled_segment_sum(grad, *args, ids), eager)
+    finally:
+        torch.set_num_threads(threads)
+    if dropout == 0.0:  # the oracle: two serial scatter-adds, added in order
+        g, flat_ids = grad.reshape(-1), group_ids(start, n, d=d, seed=seed)
+        halves = [torch.zeros(d).index_add_(0, flat_ids[a:b], g[a:b]) for a, b in ((0, n // 2), (n // 2, n))]
+        assert torch.equal(eager, halves[0] + halves[1])
+        assert not torch.equal(eager, torch.zeros(d).index_add_(0, flat_ids, g))  # the split is real
 
 
 @compiled
@@ -132,7 +185,14 @@ def test_compiled_kernel_builds_where_a_compiler_exists():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
-    ("size", "d", "seed", "chunk"), [(10_000, 97, 5, 4096), (5003, 5003, -(2**70), 1000), (1, 1, 0, 7)]
+    ("size", "d", "seed", "chunk"),
+    [
+        (10_000, 97, 5, 4096),
+        (5003, 5003, -(2**70), 1000),
+        (1, 1, 0, 7),
+        (9000, 512, 2, 4096),
+        (300_000, 1000, 3, 1 << 18),
+    ],  # chunks above _SPLIT_MIN: bincount in two halves,
 )
 def test_compiled_group_counting_matches_eager(size, d, seed, chunk, device):
     from gpart.partition import group_counts

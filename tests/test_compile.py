@@ -62,14 +62,15 @@ def test_compiled_training_matches_eager():
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
 
 
+@pytest.mark.parametrize("d", [1000, 1024])  # the general modulo and the power-of-two mask
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_traced_formula_is_the_eager_kernel(dropout):
+def test_traced_formula_is_the_eager_kernel(dropout, d):
     torch.manual_seed(0)
-    w0, scale = torch.randn(37, 29), torch.rand(1000)
+    w0, scale = torch.randn(37, 29), torch.rand(d)
     grads = []
     outs = []
     for fn in ("eager", "traced"):
-        theta = torch.randn(1000, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        theta = torch.randn(d, generator=torch.Generator().manual_seed(1)).requires_grad_()
         if fn == "eager":
             out = _delta.effective(w0, theta, scale, start=2**40, seed=-5, dropout=dropout, dropout_key=12345)
         else:
