@@ -94,18 +94,9 @@ def _eager_forward(w0, table, start, d, seed, p, key, chunk, keep_ids=None):
 
 def _eager_segment_sum(grad, start, d, seed, p, key, chunk, dtype, ids=None):
     flat = grad.reshape(-1)
-    return _sum_parts(
-        d,
-        flat.numel(),
-        flat.device,
-        lambda lo, hi: _eager_range_sum(flat, lo, hi, start, d, seed, p, key, chunk, dtype),
-    )
-
-
-def _eager_range_sum(flat, lo, hi, start, d, seed, p, key, chunk, dtype):
     sums = None
-    for a in range(lo, hi, chunk):
-        n = min(chunk, hi - a)
+    for a in range(0, flat.numel(), chunk):
+        n = min(chunk, flat.numel() - a)
         part = flat[a : a + n].to(dtype)
         if p > 0.0:
             keep = _eager_mask(key, start + a, n, p, flat.device)
@@ -128,34 +119,19 @@ def _scatter_add(sums: torch.Tensor | None, ids: torch.Tensor, values: torch.Ten
     return sums.index_add_(0, ids, values)
 
 
-# ------------------------------------------------------------------------------- segment-sum split
+def _in_background(serial_op, *args) -> concurrent.futures.Future:
+    """Run one serial ATen op on gpart's worker thread (set-up counting uses the second core).
 
-# A CPU segment sum is a serial scatter-add (`index_add_` runs on one core). Large ones are cut in
-# two halves, summed separately (on two cores when torch has two threads) and added in order, by
-# both kernels: the bits depend on the size alone, never on threads, timing or kernel.
-_SPLIT_MIN = 1 << 16
-
-
-def _parts(n: int, d: int, device: torch.device) -> list[tuple[int, int]]:
-    if device.type != "cpu" or n < max(_SPLIT_MIN, d):
-        return [(0, n)]
-    return [(0, n // 2), (n // 2, n)]
-
-
-def _sum_parts(d: int, n: int, device: torch.device, range_sum, threads: bool = False) -> torch.Tensor:
-    """``range_sum(0, n)``, or the two halves' sums added in order; ``threads``: on two cores."""
-    parts = _parts(n, d, device)
-    if len(parts) == 1:
-        return range_sum(0, n)
-    if threads and torch.get_num_threads() > 1:
-        second = _pool().submit(range_sum, *parts[1])
-        return range_sum(*parts[0]) + second.result()
-    return range_sum(*parts[0]) + range_sum(*parts[1])
+    Only ops without a parallel region, into buffers made by the caller: a parallel region on
+    another thread starts a second OpenMP team on the same cores, whose spinning threads slow
+    everything else down.
+    """
+    return _pool().submit(serial_op, *args)
 
 
 @functools.cache
 def _pool() -> concurrent.futures.ThreadPoolExecutor:
-    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpart-segment-sum")
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpart")
 
 
 # --------------------------------------------------------------------------------------- compiled
@@ -290,25 +266,22 @@ def _compiled_segment_sum(grad, start, d, seed, p, key, chunk, dtype, ids=None):
         if p > 0.0:
             values = values * _keep_scale(p)
 
-        def range_sum(lo, hi):  # plain ATen, safe on a worker thread; dropped entries go to bucket d
-            return _scatter_add(None, ids[lo:hi], values[lo:hi], d + 1)[:d]
-
-        return _sum_parts(d, flat.numel(), flat.device, range_sum, threads=True)
+        return _scatter_add(None, ids, values, d + 1)[:d]  # dropped entries went to bucket d
     if d >= FAST_MOD_LIMIT:
         return _eager_segment_sum(grad, start, d, seed, p, key, chunk, dtype)
     static = (p > 0.0, _is_pow2(d))
     kernel = _compiled_fn("ids_values", flat.device, flat.dtype, dtype, *static)
     step = max(chunk, _BACKWARD_CHUNK)  # bound the int32 ids per chunk
+    sums = None
+    for a in range(0, flat.numel(), step):
+        scalars = _scalars(start + a, d, seed, p, key, flat.device, dtype)
+        sums = _scatter_add(sums, *kernel(flat[a : a + step], dtype, *scalars, *static), d)
+    return sums if sums is not None else torch.zeros(d, dtype=dtype, device=flat.device)
 
-    def range_sum(lo, hi):
-        sums = None
-        for a in range(lo, hi, step):
-            scalars = _scalars(start + a, d, seed, p, key, flat.device, dtype)
-            ids, values = kernel(flat[a : min(a + step, hi)], dtype, *scalars, *static)
-            sums = _scatter_add(sums, ids, values, d)
-        return sums if sums is not None else torch.zeros(d, dtype=dtype, device=flat.device)
 
-    return _sum_parts(d, flat.numel(), flat.device, range_sum)
+# Below this many ids per half, handing half of a bincount to the worker thread costs more than it saves.
+_SPLIT_MIN = 1 << 16
+_ONE = torch.ones(1, dtype=torch.int64)
 
 
 def count_groups(
@@ -325,13 +298,13 @@ def count_groups(
         ids = kernel(min(chunk, size - lo), base, d_t, inv_d, _is_pow2(d))
         # bincount runs on one core; counts are integers, so halves on two cores are exact.
         half = ids.numel() // 2
-        second = None
         if ids.device.type == "cpu" and half >= _SPLIT_MIN and torch.get_num_threads() > 1:
-            second = _pool().submit(torch.bincount, ids[half:], minlength=d)
-            ids = ids[:half]
-        counts += torch.bincount(ids, minlength=d)
-        if second is not None:
-            counts += second.result()
+            second = torch.zeros(d, dtype=torch.int64)
+            job = _in_background(second.index_add_, 0, ids[half:], _ONE.expand(ids.numel() - half))
+            counts += torch.bincount(ids[:half], minlength=d)
+            counts += job.result()
+        else:
+            counts += torch.bincount(ids, minlength=d)
     return counts
 
 
