@@ -24,7 +24,6 @@ size grows with D is kept for backward.
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import types
 import warnings
@@ -117,21 +116,6 @@ def _scatter_add(sums: torch.Tensor | None, ids: torch.Tensor, values: torch.Ten
     if sums is None:
         sums = torch.zeros(length, dtype=values.dtype, device=values.device)
     return sums.index_add_(0, ids, values)
-
-
-def _in_background(serial_op, *args) -> concurrent.futures.Future:
-    """Run one serial ATen op on gpart's worker thread (set-up counting uses the second core).
-
-    Only ops without a parallel region, into buffers made by the caller: a parallel region on
-    another thread starts a second OpenMP team on the same cores, whose spinning threads slow
-    everything else down.
-    """
-    return _pool().submit(serial_op, *args)
-
-
-@functools.cache
-def _pool() -> concurrent.futures.ThreadPoolExecutor:
-    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpart")
 
 
 # --------------------------------------------------------------------------------------- compiled
@@ -279,11 +263,6 @@ def _compiled_segment_sum(grad, start, d, seed, p, key, chunk, dtype, ids=None):
     return sums if sums is not None else torch.zeros(d, dtype=dtype, device=flat.device)
 
 
-# Below this many ids per half, handing half of a bincount to the worker thread costs more than it saves.
-_SPLIT_MIN = 1 << 16
-_ONE = torch.ones(1, dtype=torch.int64)
-
-
 def count_groups(
     size: int, *, d: int, seed: int, backend: str, device, chunk: int = DEFAULT_CHUNK
 ) -> torch.Tensor:
@@ -295,16 +274,7 @@ def count_groups(
     kernel = _compiled_fn("ids", torch.device(device), _is_pow2(d))
     for lo in range(0, size, chunk):
         base, d_t, inv_d, *_ = _scalars(lo, d, seed, 0.0, 0, device, torch.float32)
-        ids = kernel(min(chunk, size - lo), base, d_t, inv_d, _is_pow2(d))
-        # bincount runs on one core; counts are integers, so halves on two cores are exact.
-        half = ids.numel() // 2
-        if ids.device.type == "cpu" and half >= _SPLIT_MIN and torch.get_num_threads() > 1:
-            second = torch.zeros(d, dtype=torch.int64)
-            job = _in_background(second.index_add_, 0, ids[half:], _ONE.expand(ids.numel() - half))
-            counts += torch.bincount(ids[:half], minlength=d)
-            counts += job.result()
-        else:
-            counts += torch.bincount(ids, minlength=d)
+        counts += torch.bincount(kernel(min(chunk, size - lo), base, d_t, inv_d, _is_pow2(d)), minlength=d)
     return counts
 
 

@@ -179,9 +179,8 @@ def test_compiled_kernel_builds_where_a_compiler_exists():
         (10_000, 97, 5, 4096),
         (5003, 5003, -(2**70), 1000),
         (1, 1, 0, 7),
-        (9000, 512, 2, 4096),
-        (300_000, 1000, 3, 1 << 18),
-    ],  # chunks above _SPLIT_MIN: bincount in two halves,
+        (9000, 512, 2, 4096),  # a power of two: the mask
+    ],
 )
 def test_compiled_group_counting_matches_eager(size, d, seed, chunk, device):
     from gpart.partition import group_counts
