@@ -42,16 +42,18 @@ def plot_step(res: dict, png: str) -> str:
         ax.set_ylabel("seconds")
         lines += [f"\n**{config}** ({res['args']['dtype']}, {res['args']['device']})\n"]
         lines += [
-            "| method | step (s) | x full | x reference | x floor | kept (MiB) | peak above frozen (MiB) "
-            "| mem x reference |"
+            "| method | step (s) | x full | x full per round [min, max] | x reference "
+            "| x reference per round | x floor | kept (MiB) | peak above frozen (MiB) | mem x reference |"
         ]
-        lines += ["|---|---|---|---|---|---|---|---|"]
+        lines += ["|---|---|---|---|---|---|---|---|---|---|"]
         for m in methods:
             s = summary[m]
             label = m + (f" ({s['backend']})" if s.get("backend") else "")
             lines.append(
                 f"| {label} | {s['median_s']:.3f} | {s.get('x_full', float('nan')):.3f} | "
-                f"{s.get('x_reference', float('nan')):.3f} | {s.get('x_floor', float('nan')):.3f} | "
+                f"{_paired(s, 'full')} | {s.get('x_reference', float('nan')):.3f} | "
+                f"{_paired(s, 'reference')} | "
+                f"{s.get('x_floor', float('nan')):.3f} | "
                 f"{s['persistent_mb']:.1f} | {s['peak_above_frozen_mb']:.1f} | "
                 f"{s.get('mem_x_reference', float('nan')):.3f} |"
             )
@@ -59,6 +61,11 @@ def plot_step(res: dict, png: str) -> str:
     fig.savefig(DOCS / png, dpi=110)
     plt.close(fig)
     return "\n".join(lines)
+
+
+def _paired(s: dict, base: str) -> str:
+    r = s.get(f"x_{base}_paired")  # absent in results written before per-round ratios existed
+    return f"{r['median']:.3f} [{r['min']:.3f}, {r['max']:.3f}]" if r else "-"
 
 
 def plot_partition(res: dict, png: str) -> str:
