@@ -42,17 +42,19 @@ def plot_step(res: dict, png: str) -> str:
         ax.set_ylabel("seconds")
         lines += [f"\n**{config}** ({res['args']['dtype']}, {res['args']['device']})\n"]
         lines += [
-            "| method | step (s) | x full | x full per round [min, max] | x reference "
-            "| x reference per round | x floor | kept (MiB) | peak above frozen (MiB) | mem x reference |"
+            "| method | step (s) | x full | x full per round [min, max] | x full, best step | x reference "
+            "| x reference per round | x reference, best step | x floor | kept (MiB) "
+            "| peak above frozen (MiB) | mem x reference |"
         ]
-        lines += ["|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for m in methods:
             s = summary[m]
             label = m + (f" ({s['backend']})" if s.get("backend") else "")
             lines.append(
                 f"| {label} | {s['median_s']:.3f} | {s.get('x_full', float('nan')):.3f} | "
-                f"{_paired(s, 'full')} | {s.get('x_reference', float('nan')):.3f} | "
-                f"{_paired(s, 'reference')} | "
+                f"{_paired(s, 'full')} | {s.get('x_full_best', float('nan')):.3f} | "
+                f"{s.get('x_reference', float('nan')):.3f} | {_paired(s, 'reference')} | "
+                f"{s.get('x_reference_best', float('nan')):.3f} | "
                 f"{s.get('x_floor', float('nan')):.3f} | "
                 f"{s['persistent_mb']:.1f} | {s['peak_above_frozen_mb']:.1f} | "
                 f"{s.get('mem_x_reference', float('nan')):.3f} |"
