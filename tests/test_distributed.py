@@ -5,6 +5,7 @@ Runs ``examples/distributed/train.py`` under ``torchrun`` (each launch takes a f
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import subprocess
@@ -28,7 +29,18 @@ def _torchrun(tmp_path: Path, nproc: int, *args: str) -> tuple[subprocess.Comple
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd += [str(SCRIPT), *args, "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=150, check=False), out
+    run = functools.partial(
+        subprocess.run, cmd, capture_output=True, text=True, env=env, timeout=150, check=False
+    )
+    try:
+        return run(), out
+    except subprocess.TimeoutExpired as err:
+        # torch.distributed's teardown can hang after all work is done (seen once in ~10 CI runs,
+        # after "done:" was printed; pytorch/pytorch#75097). One retry for that case only: a hang
+        # before "done:", or a second hang, fails the test.
+        if b"done:" not in (err.stdout or b""):
+            raise
+    return run(), out
 
 
 @pytest.fixture(scope="module")
