@@ -16,7 +16,7 @@ Forward:  ``W[k] = W0[k] + theta[g] * s[g] * (m[k] * r)``, with ``g = g(start + 
           ``m`` (all ones without dropout) and ``r = float32(1 / (1 - p))``, added in float32
           (float64 for float64 weights) and rounded once to W0's dtype.
 Backward: ``grad_theta[j] = s[j] * sum_{k in group j} grad_W[k] * m[k] * r`` (``P^T grad``), a
-          serial scatter-add in entry order (see :func:`_scatter_add`).
+          serial scatter-add in entry order (see :func:`_scatter_sum`).
 
 Group ids and the mask are *regenerated* from integers in backward, never saved: nothing whose
 size grows with D is kept for backward.
@@ -93,29 +93,35 @@ def _eager_forward(w0, table, start, d, seed, p, key, chunk, keep_ids=None):
 
 def _eager_segment_sum(grad, start, d, seed, p, key, chunk, dtype, ids=None):
     flat = grad.reshape(-1)
-    sums = None
-    for a in range(0, flat.numel(), chunk):
-        n = min(chunk, flat.numel() - a)
-        part = flat[a : a + n].to(dtype)
-        if p > 0.0:
-            keep = _eager_mask(key, start + a, n, p, flat.device)
-            part = torch.where(keep, part * _keep_scale(p), 0.0)
-        sums = _scatter_add(sums, group_ids(start + a, n, d=d, seed=seed, device=flat.device), part, d)
-    return sums if sums is not None else torch.zeros(d, dtype=dtype, device=flat.device)
+
+    def pieces():
+        for a in range(0, flat.numel(), chunk):
+            n = min(chunk, flat.numel() - a)
+            part = flat[a : a + n].to(dtype)
+            if p > 0.0:
+                keep = _eager_mask(key, start + a, n, p, flat.device)
+                part = torch.where(keep, part * _keep_scale(p), 0.0)
+            yield group_ids(start + a, n, d=d, seed=seed, device=flat.device), part
+
+    return _scatter_sum(pieces(), d, dtype, flat.device)
 
 
-def _scatter_add(sums: torch.Tensor | None, ids: torch.Tensor, values: torch.Tensor, length: int):
-    """``sums`` (None: zeros of ``length``) plus ``values`` added at ``ids``, one entry after another.
+def _scatter_sum(pieces, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The ``(ids, values)`` pieces added into ``length`` zeros, one entry after another, in order.
 
-    On CPU a fresh sum is a weighted ``bincount``: the same serial loop, order and bits as
+    On CPU the first piece is a weighted ``bincount``: the same serial loop, order and bits as
     ``index_add_``, without its per-entry bounds and stride handling (measured: 1.75x faster).
     """
-    fast = ids.device.type == "cpu" and values.dtype in (torch.float32, torch.float64)
-    if sums is None and fast and not values.requires_grad:  # bincount has no derivative
-        return torch.bincount(ids, weights=values, minlength=length)
-    if sums is None:
-        sums = torch.zeros(length, dtype=values.dtype, device=values.device)
-    return sums.index_add_(0, ids, values)
+    sums = None
+    for ids, values in pieces:
+        fast = ids.device.type == "cpu" and values.dtype in (torch.float32, torch.float64)
+        if sums is None and fast and not values.requires_grad:  # bincount has no derivative
+            sums = torch.bincount(ids, weights=values, minlength=length)
+        else:
+            if sums is None:
+                sums = torch.zeros(length, dtype=values.dtype, device=values.device)
+            sums.index_add_(0, ids, values)
+    return sums if sums is not None else torch.zeros(length, dtype=dtype, device=device)
 
 
 # --------------------------------------------------------------------------------------- compiled
@@ -249,17 +255,17 @@ def _compiled_segment_sum(grad, start, d, seed, p, key, chunk, dtype, ids=None):
         values = flat.to(dtype)
         if p > 0.0:
             values = values * _keep_scale(p)
-        return _scatter_add(None, ids, values, d + 1)[:d]  # dropped entries went to bucket d
+        return _scatter_sum([(ids, values)], d + 1, dtype, flat.device)[:d]  # dropped: bucket d
     if d >= FAST_MOD_LIMIT:
         return _eager_segment_sum(grad, start, d, seed, p, key, chunk, dtype)
     static = (p > 0.0, _is_pow2(d))
     kernel = _compiled_fn("ids_values", flat.device, flat.dtype, dtype, *static)
     step = max(chunk, _BACKWARD_CHUNK)  # bound the int32 ids per chunk
-    sums = None
-    for a in range(0, flat.numel(), step):
-        scalars = _scalars(start + a, d, seed, p, key, flat.device, dtype)
-        sums = _scatter_add(sums, *kernel(flat[a : a + step], dtype, *scalars, *static), d)
-    return sums if sums is not None else torch.zeros(d, dtype=dtype, device=flat.device)
+    pieces = (
+        kernel(flat[a : a + step], dtype, *_scalars(start + a, d, seed, p, key, flat.device, dtype), *static)
+        for a in range(0, flat.numel(), step)
+    )
+    return _scatter_sum(pieces, d, dtype, flat.device)
 
 
 def count_groups(
