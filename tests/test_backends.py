@@ -91,10 +91,12 @@ def test_compiled_matches_eager_bit_for_bit(dtype, dropout, device):
 
 @compiled
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_large_segment_sums_agree_bit_for_bit(dropout):
+@pytest.mark.parametrize("shape", [(300, 500), (301, 499), (100, 64)])
+def test_large_segment_sums_agree_bit_for_bit(dropout, shape, monkeypatch):
     """Eager (chunked: bincount, then index_add_), compiled (ids regenerated) and compiled (ids
-    handed over: one bincount) all add the entries one after another, in order: the same bits."""
-    d, start, seed, key, shape = 1000, 12345, 7, 99, (300, 500)
+    handed over: one scatter_add over the parts) add the same entries in the same order: the
+    same bits. (300, 500) is summed in two halves, (301, 499) (odd) and (100, 64) (small) in one."""
+    d, start, seed, key = 1000, 12345, 7, 99
     grad = torch.randn(shape)
     handoff = _delta.IdsHandoff()
     w0, theta, scale = torch.zeros(shape), torch.zeros(d), torch.ones(d)
@@ -113,9 +115,20 @@ def test_large_segment_sums_agree_bit_for_bit(dropout):
     eager = _delta._eager_segment_sum(grad, *args)
     assert torch.equal(_delta._compiled_segment_sum(grad, *args), eager)
     assert torch.equal(_delta._compiled_segment_sum(grad, *args, handoff.take(start, key)), eager)
-    if dropout == 0.0:  # the oracle: one serial scatter-add over all entries
-        flat_ids = group_ids(start, grad.numel(), d=d, seed=seed)
-        assert torch.equal(eager, torch.zeros(d).index_add_(0, flat_ids, grad.reshape(-1)))
+    monkeypatch.setattr(_delta, "_BACKWARD_CHUNK", 1 << 12)  # compiled, ids regenerated in many calls
+    assert torch.equal(_delta._compiled_segment_sum(grad, *args), eager)
+    if dropout == 0.0:  # the oracle: each part one serial scatter-add over its entries, then the parts
+        n = grad.numel()
+        parts = 2 if shape == (300, 500) else 1
+        assert _delta._parts(n, d, grad.device) == parts
+        flat_ids, flat = group_ids(start, n, d=d, seed=seed), grad.reshape(-1)
+        halves = [
+            torch.zeros(d).index_add_(0, i, g)
+            for i, g in zip(flat_ids.chunk(parts), flat.chunk(parts), strict=True)
+        ]
+        assert torch.equal(eager, sum(halves[1:], halves[0]))
+        if parts == 2:  # the split matters: one pass over all entries gives other last bits here
+            assert not torch.equal(eager, torch.zeros(d).index_add_(0, flat_ids, flat))
 
 
 @compiled
