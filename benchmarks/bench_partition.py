@@ -9,6 +9,8 @@ For each shipped kernel (eager, compiled) it times, over all targets (D entries 
   (the same bytes read and written);
 * backward: the segment sum ``P^T grad`` vs copying the gradient (the same bytes read); for the
   compiled kernel also with the group ids handed over by backward's recompute;
+* floors: the gather and the segment sum alone, with the group ids already in memory (no
+  hashing): what no kernel made of torch's gather and scatter can beat on this machine;
 * set-up: counting group sizes, against eager chunked counting with the same chunk size.
 
 Prints a table and writes ``benchmarks/results/partition.json``.
@@ -93,6 +95,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     t = bench(recompute_then_sum, "recompute + segment sum [compiled]")
     rows["backward recompute + P^T grad, ids handed over [compiled]"] = {"seconds": t, "x_copy": 2 * copy / t}
+
+    # Floors of any kernel built from torch's gather and scatter: the same work with the group ids
+    # already in memory (what a cached-ids kernel would do, at 4 bytes per entry), no hashing.
+    ids = [torch.randint(0, d, (w.numel(),), device=dev, dtype=torch.int32) for w in w0s]
+    gather = torch.compile(lambda w, t, i: w + torch.ops.aten._unsafe_index(t, [i]), dynamic=True)
+    t = bench(lambda: [gather(w.reshape(-1), theta, i) for w, i in zip(w0s, ids, strict=True)])
+    rows["floor: W0 + theta[ids], ids in memory [compiled gather]"] = {"seconds": t, "x_copy": copy / t}
+    ids64 = [i.long() for i in ids]
+    t = bench(lambda: [_delta._sum_whole(i, g.reshape(-1), d, d) for i, g in zip(ids64, grads, strict=True)])
+    rows["floor: P^T grad, ids in memory [scatter-add]"] = {"seconds": t, "x_copy": copy / t}
 
     counting = {}
     for chunk in (1 << 20, 1 << 22):

@@ -183,13 +183,26 @@ def inference_table(res: dict, png: None = None) -> str:
 
 
 SECTIONS = [
-    ("step", "Training step", "python benchmarks/bench_step.py", plot_step, "bench_step.png"),
+    (
+        "step",
+        "Training step",
+        "python benchmarks/bench_step.py --rounds 5 --steps 3",
+        plot_step,
+        "bench_step.png",
+    ),
     (
         "partition",
         "Delta path and set-up counting",
         "python benchmarks/bench_partition.py",
         plot_partition,
         "bench_partition.png",
+    ),
+    (
+        "partition_pow2",
+        "Delta path, power-of-two d (the paper's LLM setting)",
+        "python benchmarks/bench_partition.py --d 131072 --out partition_pow2",
+        plot_partition,
+        "bench_partition_pow2.png",
     ),
     (
         "apply",

@@ -208,9 +208,13 @@ def _add(w0: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
     return (w0.to(acc) + part.to(acc)).to(w0.dtype)
 
 
-def _fused_ids(n: int, base, d, inv_d, pow2: bool):
-    ids, _ = _fused_ids_keep(n, base.device, base, d, inv_d, None, None, False, pow2)
-    return ids.to(torch.int32)  # d < 2**31
+def _fused_ids_into(out, base, d, inv_d, pow2: bool):
+    """The group ids of ``out.numel()`` positions, written into ``out`` (int64).
+
+    Into a buffer reused for every chunk: a fresh 32 MiB output per call is a fresh mapping from
+    the OS, whose page faults cost 5x the kernel itself (measured, 4M-entry chunks).
+    """
+    out.copy_(_fused_ids_keep(out.numel(), out.device, base, d, inv_d, None, None, False, pow2)[0])
 
 
 def _fused_ids_values(
@@ -227,7 +231,7 @@ _compiled: dict[tuple, object] = {}
 _KERNEL_FNS = {
     "forward": _fused_forward,
     "forward_ids": _fused_forward_ids,
-    "ids": _fused_ids,
+    "ids_into": _fused_ids_into,
     "ids_values": _fused_ids_values,
 }
 
@@ -323,11 +327,31 @@ def count_groups(
     if backend == "eager" or d >= FAST_MOD_LIMIT:
         return group_counts(size, d=d, seed=seed, chunk_size=chunk, device=device)
     counts = torch.zeros(d, dtype=torch.int64, device=device)
-    kernel = _compiled_fn("ids", torch.device(device), _is_pow2(d))
+    kernel = _compiled_fn("ids_into", torch.device(device), _is_pow2(d))
+    ids = torch.empty(min(chunk, size), dtype=torch.int64, device=device)
     for lo in range(0, size, chunk):
         base, d_t, inv_d, *_ = _scalars(lo, d, seed, 0.0, 0, device, torch.float32)
-        counts += torch.bincount(kernel(min(chunk, size - lo), base, d_t, inv_d, _is_pow2(d)), minlength=d)
+        part = ids[: min(chunk, size - lo)]
+        kernel(part, base, d_t, inv_d, _is_pow2(d))
+        counts += _count(part, d)
     return counts
+
+
+def _count(ids: torch.Tensor, d: int) -> torch.Tensor:
+    """``bincount(ids, minlength=d)``; on CPU two halves on two threads (as :func:`_sum_whole`).
+
+    Counts are integers, so the split changes nothing: each half adds float32 ones (exact while a
+    half holds at most 2**24 entries; measured 1.4-2x faster than ``bincount`` into 131,072
+    groups, whose loop is serial), and the halves are converted before they are added.
+    """
+    n = ids.numel()
+    parts = _parts(n, d, ids.device)
+    if parts == 1 or n > parts << 24:
+        return torch.bincount(ids, minlength=d)
+    one = torch.ones((), dtype=torch.float32, device=ids.device)
+    rows = torch.zeros(parts, d, dtype=torch.float32, device=ids.device)
+    rows.scatter_add_(1, ids.view(parts, -1), one.expand(parts, n // parts))
+    return rows.long().sum(0)
 
 
 _KERNELS = {

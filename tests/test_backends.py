@@ -193,6 +193,8 @@ def test_compiled_kernel_builds_where_a_compiler_exists():
         (5003, 5003, -(2**70), 1000),
         (1, 1, 0, 7),
         (9000, 512, 2, 4096),  # a power of two: the mask
+        (300_000, 1000, 3, 1 << 17),  # large chunks counted in two halves, the short last one in one
+        (200_001, 4096, 1, 100_001),  # an odd chunk (one part), then an even one (two)
     ],
 )
 def test_compiled_group_counting_matches_eager(size, d, seed, chunk, device):
