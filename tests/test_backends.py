@@ -131,6 +131,24 @@ def test_large_segment_sums_agree_bit_for_bit(dropout, shape, monkeypatch):
             assert not torch.equal(eager, torch.zeros(d).index_add_(0, flat_ids, flat))
 
 
+def test_segment_sum_bits_do_not_depend_on_the_thread_count():
+    """The split into halves follows the sizes, not the threads: 1, 2 or 3 threads, same bits."""
+    d, start, seed = 1000, 77, 5
+    grad = torch.randn(400, 500)
+    ids = group_ids(start, grad.numel(), d=d, seed=seed)
+    assert _delta._parts(grad.numel(), d, grad.device) == 2
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            eager = _delta._eager_segment_sum(grad, start, d, seed, 0.0, 0, 1 << 14, torch.float32)
+            results += [eager, _delta._sum_whole(ids, grad.reshape(-1), d, d)]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(r, results[0]) for r in results)
+
+
 @compiled
 def test_compiled_model_trains_like_eager(monkeypatch):
     """Also covers the id hand-over from backward's recompute to the segment sum (with dropout)."""
