@@ -85,7 +85,8 @@ def _hash_base(key: int, start: int) -> int:
     return _as_int64(key + start + _GOLDEN)
 
 
-#: :func:`_umod_fast` serves d below this bound (group ids are handed around as int32).
+#: :func:`_umod_fast` serves d below this bound (its proof needs it, and the compiled gather reads
+#: group ids as int32).
 FAST_MOD_LIMIT = 1 << 31
 _TWO64 = float(_U64)
 # The largest float64 below 2**63: a quotient estimate clamped to it converts to int64 exactly.
