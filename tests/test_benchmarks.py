@@ -70,3 +70,16 @@ def test_all_scripts_run_and_plot(bench, tmp_path):
     assert apply_row["persistent_bytes"] == 8 * apply_row["d"] + 8 * apply_row["targets"]
     text = (tmp_path / "docs" / "benchmarks.md").read_text()
     assert "## Training step" in text and (tmp_path / "docs" / "bench_step.png").stat().st_size > 1000
+
+
+def test_gpu_script_is_valid_bash_and_runs_the_published_gpu_commands(bench):
+    import subprocess
+
+    from plot import SECTIONS  # the bench fixture puts benchmarks/ on sys.path
+
+    script = BENCH / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = " ".join(script.read_text().replace("\\\n", " ").split())
+    for name, _, command, *_ in SECTIONS:
+        if name.endswith("_cuda"):  # the published GPU results come from this script's commands
+            assert command.removeprefix("python ") in text, command
