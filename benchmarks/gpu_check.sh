@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of issue "Performance", as one short script for a lent GPU machine (~8 minutes):
-# the CUDA kernel tests, then the two GPU benchmarks, results copied to $OUT (or the first
-# argument). Run from the repository root with a CUDA build of torch and transformers installed:
+# the CUDA kernel tests, then the two GPU benchmarks, which write their JSON (and this script a
+# log) into $OUT (or the first argument). Run from the repository root with a CUDA build of torch
+# and transformers installed:
 #
 #     bash benchmarks/gpu_check.sh "$OUT"
 #
