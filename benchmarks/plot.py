@@ -2,7 +2,7 @@
 
     python benchmarks/plot.py
 
-Writes ``docs/bench_{step,partition,apply,io,bf16}.png`` (for whichever results exist) and
+Writes ``docs/bench_{step,partition,apply,io,bf16,native}.png`` (for whichever results exist) and
 ``docs/benchmarks.md`` with the tables, the machine and the commands that reproduce them.
 """
 
@@ -182,6 +182,44 @@ def inference_table(res: dict, png: None = None) -> str:
     return "\n".join(lines)
 
 
+def plot_native(res: dict, png: str) -> str:
+    configs = list(res["configs"])
+    fig, axes = plt.subplots(1, len(configs), figsize=(5.5 * len(configs), 3.6), squeeze=False)
+    lines = [
+        f"C compiled with `{res['compiler']}`; every C result equals gpart's bit for bit (checked first)."
+    ]
+    for ax, config in zip(axes[0], configs, strict=True):
+        r = res["configs"][config]
+        rows = r["ns_per_entry"]
+        names = [*rows, "gpart step work (2 x forward + sum)"]
+        torch_ns = [rows[n]["torch"] for n in rows] + [r["gpart_step_work_ns"]["torch"]]
+        c_ns = [rows[n].get("C", float("nan")) for n in rows] + [r["gpart_step_work_ns"]["C"]]
+        y = range(len(names))
+        ax.barh([i - 0.2 for i in y], torch_ns, height=0.4, color="#48c", label="torch / Inductor (shipped)")
+        ax.barh([i + 0.2 for i in y], c_ns, height=0.4, color="#c44", label="AVX-512 C")
+        ax.set_yticks(list(y), names, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("ns per target entry (lower is better)")
+        ax.set_title(f"{config}: D = {r['entries']:,}, d = {r['d']:,}", fontsize=10)
+        ax.legend(fontsize=8)
+        lines += [f"\n**{config}** ({r['targets']} targets of {tuple(r['shape'])}, d = {r['d']:,})\n"]
+        lines += ["| ns per entry | torch / Inductor | AVX-512 C |", "|---|---|---|"]
+        lines += [
+            f"| {n} | {t:.2f} | {c:.2f} |".replace("| nan |", "| - |")
+            for n, t, c in zip(names, torch_ns, c_ns, strict=True)
+        ]
+        f = r["forward_x_copy"]
+        lines += [f"| forward, x copy | {f['torch']:.2f} | {f['C']:.2f} |"]
+        lines += [
+            f"| gpart work / {a} | {v['torch']:.2f} | {v['C']:.2f} |"
+            for a, v in r["gpart_over_adamw"].items()
+        ]
+    fig.tight_layout()
+    fig.savefig(DOCS / png, dpi=110)
+    plt.close(fig)
+    return "\n".join(lines)
+
+
 SECTIONS = [
     (
         "step",
@@ -214,6 +252,13 @@ SECTIONS = [
     ("io", "Adapter files", "python benchmarks/bench_io.py", plot_io, "bench_io.png"),
     ("inference", "Inference latency", "python benchmarks/bench_inference.py", inference_table, None),
     ("bf16", "bf16 bases", "python benchmarks/bench_bf16.py", plot_bf16, "bench_bf16.png"),
+    (
+        "native",
+        "gpart's per-entry work: shipped kernels vs hand-written AVX-512 C (evidence, not shipped)",
+        "python benchmarks/bench_native.py",
+        plot_native,
+        "bench_native.png",
+    ),
     (
         "step_cuda",
         "Training step on a GPU (Qwen2-0.5B-shaped, bf16)",

@@ -83,3 +83,15 @@ def test_gpu_script_is_valid_bash_and_runs_the_published_gpu_commands(bench):
     for name, _, command, *_ in SECTIONS:
         if name.endswith("_cuda"):  # the published GPU results come from this script's commands
             assert command.removeprefix("python ") in text, command
+
+
+def test_native_kernels_match_gpart_bit_for_bit(bench, tmp_path):
+    """The C evidence kernels: the script itself compares every C result with gpart's and raises."""
+    res = bench("bench_native", "--configs", "tiny", "tiny-pow2", "--repeats", "1")
+    if "skipped" in res:
+        pytest.skip(res["skipped"])
+    assert set(res["configs"]) == {"tiny", "tiny-pow2"}
+    for r in res["configs"].values():
+        assert set(r["ns_per_entry"]["forward W0 + delta"]) == {"torch", "C"}
+    bench("plot")
+    assert "hand-written AVX-512 C" in (tmp_path / "docs" / "benchmarks.md").read_text()
