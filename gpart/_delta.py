@@ -34,12 +34,13 @@ from .partition import (
     DEFAULT_CHUNK,
     FAST_MOD_LIMIT,
     _hash_base,
-    _is_pow2,
     _mix_,
+    _mod_kind,
     _shr,
     _umod,
     _umod_fast,
     _umod_pow2,
+    _umod_split,
     group_counts,
     group_ids,
 )
@@ -162,36 +163,40 @@ def _scatter_sum(pieces, length: int, dtype: torch.dtype, device: torch.device) 
 # --------------------------------------------------------------------------------------- compiled
 
 
-def _fused_ids_keep(n, device, base, d, inv_d, kbase, thresh, dropout: bool, pow2: bool):
+def _fused_ids_keep(n, device, base, d, inv_d, r32, kbase, thresh, dropout: bool, mod: str):
     """Group ids (int64) and the keep-mask (None without dropout) of ``n`` consecutive positions.
 
-    ``dropout`` and ``pow2`` (d is a power of two: the modulo is a mask) are Python bools, so
-    each combination is its own compiled kernel.
+    ``dropout`` (a bool) and ``mod`` (:func:`gpart.partition._mod_kind` of d) are static, so
+    each combination is its own compiled kernel; ``inv_d = 1/d`` and ``r32 = 2**32 mod d`` are
+    float64 constants of the modulo.
     """
     idx = torch.arange(n, dtype=torch.int64, device=device)
     z = _mix_(idx + base)
-    if pow2:
+    if mod == "pow2":
         ids = _umod_pow2(z, d)
-    elif isinstance(d, int) and d >= FAST_MOD_LIMIT:  # only from `traced`, which has d as an int
-        ids = _umod(z, d)
-    else:
+    elif mod == "split":
+        ids = _umod_split(z, d, inv_d, r32)
+    elif mod == "fast":
         ids = _umod_fast(z, d, inv_d)
+    else:  # d >= 2**31: only from `traced`, which has d as an int
+        ids = _umod(z, d)
     return ids, (_keep_mask(idx, kbase, thresh) if dropout else None)
 
 
-def _fused_forward(w0, table, base, d, inv_d, kbase, thresh, keep_scale, dropout: bool, pow2: bool):
-    return _fused_forward_ids(w0, table, base, d, inv_d, kbase, thresh, keep_scale, dropout, pow2)[0]
+def _fused_forward(w0, table, base, d, inv_d, r32, kbase, thresh, keep_scale, dropout: bool, mod: str):
+    return _fused_forward_ids(w0, table, base, d, inv_d, r32, kbase, thresh, keep_scale, dropout, mod)[0]
 
 
-def _fused_forward_ids(w0, table, base, d, inv_d, kbase, thresh, keep_scale, dropout: bool, pow2: bool):
+def _fused_forward_ids(w0, table, base, d, inv_d, r32, kbase, thresh, keep_scale, dropout: bool, mod: str):
     """``W0 + delta`` and the int64 group ids (dropped entries: ``d``); inductor drops what is unused."""
-    ids, keep = _fused_ids_keep(w0.numel(), w0.device, base, d, inv_d, kbase, thresh, dropout, pow2)
+    ids, keep = _fused_ids_keep(w0.numel(), w0.device, base, d, inv_d, r32, kbase, thresh, dropout, mod)
     # ids are in [0, d) by construction (tested bit for bit against the eager kernel): the unsafe
     # gather lets inductor drop its per-entry bounds check (measured: -20% of the whole kernel).
-    # For a general d, gathering with int32 ids made the whole kernel 1.6x faster (torch 2.13,
-    # AVX-512 CPU; same generated loop but for the index width); for a power of two, int64 ids
-    # were ~7% faster. Both are exact (d < 2**31).
-    part = torch.ops.aten._unsafe_index(table, [ids if pow2 else ids.to(torch.int32)])
+    # The index width is measured, not derived (torch 2.13, AVX-512 CPU, same generated loop but
+    # for the width): after the all-64-bit modulo ("fast") int32 ids made the kernel 1.6x faster;
+    # after the mask and the split modulo, int32 made it slower (1.5x for "split"). int32 is exact
+    # for d < 2**31.
+    part = torch.ops.aten._unsafe_index(table, [ids.to(torch.int32) if mod == "fast" else ids])
     if keep is not None:
         part = torch.where(keep, part * keep_scale, 0.0)
         ids = torch.where(keep, ids, d)
@@ -208,19 +213,19 @@ def _add(w0: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
     return (w0.to(acc) + part.to(acc)).to(w0.dtype)
 
 
-def _fused_ids_into(out, base, d, inv_d, pow2: bool):
+def _fused_ids_into(out, base, d, inv_d, r32, mod: str):
     """The group ids of ``out.numel()`` positions, written into ``out`` (int64).
 
     Into a buffer reused for every chunk: a fresh 32 MiB output per call is a fresh mapping from
     the OS, whose page faults cost 5x the kernel itself (measured, 4M-entry chunks).
     """
-    out.copy_(_fused_ids_keep(out.numel(), out.device, base, d, inv_d, None, None, False, pow2)[0])
+    out.copy_(_fused_ids_keep(out.numel(), out.device, base, d, inv_d, r32, None, None, False, mod)[0])
 
 
 def _fused_ids_values(
-    grad, dtype: torch.dtype, base, d, inv_d, kbase, thresh, keep_scale, dropout: bool, pow2: bool
+    grad, dtype: torch.dtype, base, d, inv_d, r32, kbase, thresh, keep_scale, dropout: bool, mod: str
 ):
-    ids, keep = _fused_ids_keep(grad.numel(), grad.device, base, d, inv_d, kbase, thresh, dropout, pow2)
+    ids, keep = _fused_ids_keep(grad.numel(), grad.device, base, d, inv_d, r32, kbase, thresh, dropout, mod)
     values = grad.to(dtype)
     if keep is not None:
         values = torch.where(keep, values * keep_scale, 0.0)
@@ -237,10 +242,10 @@ _KERNEL_FNS = {
 
 
 def _compiled_fn(name: str, *setting):
-    """The compiled kernel ``name`` for one ``setting`` (device, dtypes, the static bools).
+    """The compiled kernel ``name`` for one ``setting`` (device, dtypes, dropout on/off, kind of modulo).
 
     Dynamo keeps at most ``recompile_limit`` (8) graphs per code object and, with
-    ``fullgraph=True``, fails beyond that; dtypes x dropout x power-of-two d exceed it. So each
+    ``fullgraph=True``, fails beyond that; dtypes x dropout x kind of modulo exceed it. So each
     setting compiles its own copy of the function's code object, with a cache of its own.
     """
     key = (name, *setting)
@@ -271,6 +276,7 @@ def _build_scalars(start, d, seed, p, key, device, table_dtype):
         torch.tensor(_hash_base(seed, start), **i64),
         torch.tensor(d, **i64),
         torch.tensor(1.0 / d, dtype=torch.float64, device=device),
+        torch.tensor(float((1 << 32) % d), dtype=torch.float64, device=device),
         torch.tensor(_hash_base(key, start), **i64),
         torch.tensor(_threshold(p), **i64),
         torch.tensor(_keep_scale(p) if p > 0 else 1.0, dtype=table_dtype, device=device),
@@ -282,7 +288,7 @@ def _compiled_forward(w0, table, start, d, seed, p, key, chunk, keep_ids=None):
         return _eager_forward(w0, table, start, d, seed, p, key, chunk)
     scalars = _scalars(start, d, seed, p, key, w0.device, table.dtype)
     flat = w0.reshape(-1)
-    static = (p > 0.0, _is_pow2(d))
+    static = (p > 0.0, _mod_kind(d))
     setting = (flat.device, flat.dtype, table.dtype, *static)
     if keep_ids is None:
         return _compiled_fn("forward", *setting)(flat, table, *scalars, *static).view(w0.shape)
@@ -300,7 +306,7 @@ def _compiled_segment_sum(grad, start, d, seed, p, key, chunk, dtype, ids=None):
         return _sum_whole(ids, values, d, d + 1)[:d]  # dropped entries: bucket d
     if d >= FAST_MOD_LIMIT:
         return _eager_segment_sum(grad, start, d, seed, p, key, chunk, dtype)
-    static = (p > 0.0, _is_pow2(d))
+    static = (p > 0.0, _mod_kind(d))
     kernel = _compiled_fn("ids_values", flat.device, flat.dtype, dtype, *static)
 
     def run(lo, hi):
@@ -327,12 +333,12 @@ def count_groups(
     if backend == "eager" or d >= FAST_MOD_LIMIT:
         return group_counts(size, d=d, seed=seed, chunk_size=chunk, device=device)
     counts = torch.zeros(d, dtype=torch.int64, device=device)
-    kernel = _compiled_fn("ids_into", torch.device(device), _is_pow2(d))
+    kernel = _compiled_fn("ids_into", torch.device(device), _mod_kind(d))
     ids = torch.empty(min(chunk, size), dtype=torch.int64, device=device)
     for lo in range(0, size, chunk):
-        base, d_t, inv_d, *_ = _scalars(lo, d, seed, 0.0, 0, device, torch.float32)
+        base, d_t, inv_d, r32, *_ = _scalars(lo, d, seed, 0.0, 0, device, torch.float32)
         part = ids[: min(chunk, size - lo)]
-        kernel(part, base, d_t, inv_d, _is_pow2(d))
+        kernel(part, base, d_t, inv_d, r32, _mod_kind(d))
         counts += _count(part, d)
     return counts
 
@@ -503,11 +509,12 @@ def traced(
         base,
         d,
         1.0 / d,
+        float((1 << 32) % d),
         dropout_key + _hash_base(0, start) if on else None,
         _threshold(dropout) if on else None,
         _keep_scale(dropout) if on else 1.0,
         on,
-        _is_pow2(d),
+        _mod_kind(d),
     )
     return out.view(w0.shape)
 

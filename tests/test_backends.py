@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import pytest
@@ -14,7 +15,16 @@ from torch import nn
 import gpart
 import gpart.core
 from gpart import _delta
-from gpart.partition import FAST_MOD_LIMIT, _umod, _umod_fast, _umod_pow2, group_ids
+from gpart.partition import (
+    FAST_MOD_LIMIT,
+    SPLIT_MOD_LIMIT,
+    _mod_kind,
+    _umod,
+    _umod_fast,
+    _umod_pow2,
+    _umod_split,
+    group_ids,
+)
 
 INT64 = st.integers(-(2**63), 2**63 - 1)
 
@@ -40,6 +50,54 @@ def test_division_free_modulo_at_the_edges(d):
     assert torch.equal(_umod_fast(zt, d, inv), _umod(zt, d))
 
 
+@settings(max_examples=500, deadline=None)
+@given(z=st.lists(INT64, min_size=1, max_size=32), d=st.integers(2, SPLIT_MOD_LIMIT))
+def test_split_modulo_is_exact(z, d):
+    zt = torch.tensor(z, dtype=torch.int64)
+    inv = torch.tensor(1.0 / d, dtype=torch.float64)
+    r32 = torch.tensor(float(2**32 % d), dtype=torch.float64)
+    assert torch.equal(_umod_split(zt, torch.tensor(d), inv, r32), _umod(zt, d))
+
+
+@pytest.mark.parametrize("d", [2, 3, 5, 641, 23040, 2**20 + 7, 2**21 - 1, 2**21, 2**21 - 2**11 + 1])
+def test_split_modulo_at_the_edges(d):
+    """Where x = hi * (2**32 mod d) + lo is largest, and next to multiples of d in both halves."""
+    near = [m - k for m in (2**64 // d * d, 2**63 // d * d, 2**32 // d * d) for k in (-2, -1, 0, 1, 2)]
+    top = [(2**32 - 1) << 32 | lo for lo in (0, 1, d - 1, 2**32 - 1)]  # hi at its maximum
+    values = [v - 2**64 if v >= 2**63 else v for v in [v % 2**64 for v in near + top]]
+    zt = torch.tensor(EDGES + values + [d - 1, d, -d] + list(range(-50, 50)), dtype=torch.int64)
+    inv = torch.tensor(1.0 / d, dtype=torch.float64)
+    assert torch.equal(_umod_split(zt, d, inv, float(2**32 % d)), _umod(zt, d))
+
+
+@pytest.mark.parametrize(("d", "lo", "fix"), [(2093152, 250495, "add d"), (2093157, 613293, "subtract d")])
+def test_split_modulo_needs_both_corrections(d, lo, fix):
+    """Found by search: with hi = 2**32 - 1 the float64 quotient is one too high (remainder -1
+    before the fix) or one too low (remainder d), so each correction is exercised."""
+    z = ((2**32 - 1) << 32 | lo) - 2**64  # the int64 bit pattern
+    x = (2**32 - 1) * (2**32 % d) + lo
+    r = x - math.floor(float(x) * (1.0 / d)) * d
+    assert r == (-1 if fix == "add d" else d)
+    zt = torch.tensor([z], dtype=torch.int64)
+    inv = torch.tensor(1.0 / d, dtype=torch.float64)
+    assert torch.equal(_umod_split(zt, d, inv, float(2**32 % d)), _umod(zt, d))
+
+
+def test_modulo_kind_boundaries():
+    kinds = {d: _mod_kind(d) for d in (1, 2, 3, 2**21 - 1, 2**21, 2**21 + 1, 2**31 - 1, 2**31, 2**31 + 1)}
+    assert kinds == {
+        1: "pow2",
+        2: "pow2",
+        3: "split",
+        2**21 - 1: "split",
+        2**21: "pow2",
+        2**21 + 1: "fast",
+        2**31 - 1: "fast",
+        2**31: "pow2",
+        2**31 + 1: "exact",
+    }
+
+
 @given(z=st.lists(INT64, min_size=1, max_size=32), k=st.integers(0, 62))
 def test_power_of_two_modulo_is_the_low_bits(z, k):
     zt = torch.tensor(z, dtype=torch.int64)
@@ -56,6 +114,17 @@ def _need_compiled(device: str) -> None:
         pytest.skip(f"torch.compile cannot build kernels for {device} here")
 
 
+@compiled
+def test_compiled_split_modulo_at_the_edges():
+    """Inductor's C++ (fast-math flags, contractions) keeps the exact integers in float64."""
+    kernel = torch.compile(_umod_split, dynamic=True, fullgraph=True)
+    for d, lo in [(2093152, 250495), (2093157, 613293), (23040, 0), (3, 2**32 - 1)]:
+        zt = torch.tensor([*EDGES, ((2**32 - 1) << 32 | lo) - 2**64, *range(-50, 50)], dtype=torch.int64)
+        inv = torch.tensor(1.0 / d, dtype=torch.float64)
+        r32 = torch.tensor(float(2**32 % d), dtype=torch.float64)
+        assert torch.equal(kernel(zt, torch.tensor(d), inv, r32), _umod(zt, d))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     ("dtype", "dropout"), [(torch.float32, 0.0), (torch.float32, 0.3), (torch.bfloat16, 0.0)]
@@ -70,23 +139,35 @@ def test_compiled_matches_eager_bit_for_bit(dtype, dropout, device):
         (4096, 11, 2**33, (50, 30)),  # powers of two take the mask
         (1, 3, 9, (4, 4)),
     ]:
-        w0 = torch.randn(shape).to(device, dtype)
-        scale = torch.rand(d, device=device)
-        grads = []
-        outs = []
-        for backend in ("eager", "compiled"):
-            theta = torch.randn(d, generator=torch.Generator().manual_seed(1)).to(device).requires_grad_()
-            out = _delta.effective(
-                w0, theta, scale, start=start, seed=seed, dropout=dropout, dropout_key=99, backend=backend
-            )
-            out.backward(torch.linspace(-1, 1, out.numel(), device=device).view(shape).to(dtype))
-            outs.append(out)
-            grads.append(theta.grad)
-        assert torch.equal(outs[0], outs[1])
-        if device == "cpu":
-            assert torch.equal(grads[0], grads[1])
-        else:  # CUDA's index_add_ sums with atomics: the order, hence the last bits, vary run to run
-            torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+        _assert_kernels_agree(d, seed, start, shape, dtype, dropout, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_matches_eager_above_the_split_modulo(device):
+    """d above 2**21, not a power of two: the float64 quotient of all 64 bits (one setting: the
+    dtype and dropout variants share everything but the modulo with the test above)."""
+    _need_compiled(device)
+    _assert_kernels_agree(2**21 + 3, 5, 2**50, (40, 40), torch.float32, 0.0, device)
+
+
+def _assert_kernels_agree(d, seed, start, shape, dtype, dropout, device):
+    w0 = torch.randn(shape).to(device, dtype)
+    scale = torch.rand(d, device=device)
+    grads = []
+    outs = []
+    for backend in ("eager", "compiled"):
+        theta = torch.randn(d, generator=torch.Generator().manual_seed(1)).to(device).requires_grad_()
+        out = _delta.effective(
+            w0, theta, scale, start=start, seed=seed, dropout=dropout, dropout_key=99, backend=backend
+        )
+        out.backward(torch.linspace(-1, 1, out.numel(), device=device).view(shape).to(dtype))
+        outs.append(out)
+        grads.append(theta.grad)
+    assert torch.equal(outs[0], outs[1])
+    if device == "cpu":
+        assert torch.equal(grads[0], grads[1])
+    else:  # CUDA's index_add_ sums with atomics: the order, hence the last bits, vary run to run
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
 
 
 @compiled
@@ -211,6 +292,7 @@ def test_compiled_kernel_builds_where_a_compiler_exists():
         (5003, 5003, -(2**70), 1000),
         (1, 1, 0, 7),
         (9000, 512, 2, 4096),  # a power of two: the mask
+        (3000, 2**21 + 9, 4, 1024),  # above 2**21: the float64 quotient of all 64 bits
         (300_000, 1000, 3, 1 << 17),  # large chunks counted in two halves, the short last one in one
         (200_001, 4096, 1, 100_001),  # an odd chunk (one part), then an even one (two)
     ],
