@@ -306,6 +306,17 @@ def test_compiled_group_counting_matches_eager(size, d, seed, chunk, device):
     assert torch.equal(got.cpu(), expected)
 
 
+@compiled
+def test_counting_compiles_once_for_every_size():
+    """Full chunks first, then a short last chunk, other sizes: one graph, no recompilation."""
+    import torch._dynamo
+
+    _delta.count_groups(4096, d=999, seed=0, backend="compiled", device="cpu", chunk=2048)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for size in (5000, 7001, 100, 4096):
+            _delta.count_groups(size, d=999, seed=1, backend="compiled", device="cpu", chunk=2048)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["eager", "compiled"])
 def test_every_device_computes_the_cpu_bits(device, backend):
