@@ -5,8 +5,8 @@
  * hardware gather (vgatherdps) to separate "this CPU cannot" from "pure PyTorch cannot"
  * (benchmarks/bench_native.py, which checks every output against gpart's own bit for bit).
  *
- * All pointers are contiguous; n is a multiple of 16; 0 < d < 2**21 (the general-d modulo below
- * goes through doubles and needs (d - 1) * 2**32 + 2**32 - 1 < 2**53).
+ * All pointers are contiguous; n is a multiple of 16; 0 < d <= 2**21 (the general-d modulo below
+ * goes through doubles, like gpart's own for such d).
  */
 #include <immintrin.h>
 #include <omp.h>
@@ -23,37 +23,32 @@ static inline __m512i splitmix(__m512i z) {
     return _mm512_xor_si512(z, _mm512_srli_epi64(z, 31));
 }
 
-/* x mod d for 0 <= x < 2**53: a double quotient is off by at most one; one correction each way. */
-static inline __m512i mod_small(__m512i x, __m512i dv, __m512d inv) {
-    __m512d q = _mm512_roundscale_pd(_mm512_mul_pd(_mm512_cvtepu64_pd(x), inv), _MM_FROUND_TO_NEG_INF);
-    __m512i r = _mm512_sub_epi64(x, _mm512_mullo_epi64(_mm512_cvttpd_epi64(q), dv));
-    r = _mm512_mask_add_epi64(r, _mm512_cmplt_epi64_mask(r, _mm512_setzero_si512()), r, dv);
-    return _mm512_mask_sub_epi64(r, _mm512_cmpge_epi64_mask(r, dv), r, dv);
-}
-
-/* Unsigned z mod d as (((z >> 32) mod d) * 2**32 + (z & 0xffffffff)) mod d; a mask when d = 2**k. */
-static inline __m256i group(__m512i z, int64_t d, __m512i dv, __m512d inv) {
-    __m512i g;
-    if ((d & (d - 1)) == 0) {
-        g = _mm512_and_si512(z, _mm512_set1_epi64(d - 1));
-    } else {
-        __m512i hi = mod_small(_mm512_srli_epi64(z, 32), dv, inv);
-        __m512i lo = _mm512_and_si512(z, _mm512_set1_epi64(0xffffffffLL));
-        g = mod_small(_mm512_or_si512(_mm512_slli_epi64(hi, 32), lo), dv, inv);
-    }
-    return _mm512_cvtepi64_epi32(g);
+/* Unsigned z mod d: a mask when d = 2**k, else gpart's split modulo (partition._umod_split) in
+ * double: x = hi * (2**32 mod d) + lo is exact below 2**53, its double quotient is off by at most
+ * one, and one correction each way fixes it. */
+static inline __m256i group(__m512i z, int64_t d, __m512d dd, __m512d inv, __m512d r32) {
+    if ((d & (d - 1)) == 0) return _mm512_cvtepi64_epi32(_mm512_and_si512(z, _mm512_set1_epi64(d - 1)));
+    __m512d hi = _mm512_cvtepu64_pd(_mm512_srli_epi64(z, 32));
+    __m512d lo = _mm512_cvtepu64_pd(_mm512_and_si512(z, _mm512_set1_epi64(0xffffffffLL)));
+    __m512d x = _mm512_fmadd_pd(hi, r32, lo);
+    __m512d q = _mm512_roundscale_pd(_mm512_mul_pd(x, inv), _MM_FROUND_TO_NEG_INF);
+    __m512d r = _mm512_fnmadd_pd(q, dd, x);
+    r = _mm512_mask_add_pd(r, _mm512_cmp_pd_mask(r, _mm512_setzero_pd(), _CMP_LT_OQ), r, dd);
+    r = _mm512_mask_sub_pd(r, _mm512_cmp_pd_mask(r, dd, _CMP_GE_OQ), r, dd);
+    return _mm512_cvttpd_epi32(r);
 }
 
 /* w = w0 + table[g(seed + start + i)]: the fused forward (and backward's recompute). */
 void fused(const float *w0, const float *table, float *w, int64_t n, uint64_t seed, uint64_t start,
            int64_t d) {
-    const __m512i dv = _mm512_set1_epi64(d), lane = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
-    const __m512d inv = _mm512_set1_pd(1.0 / (double)d);
+    const __m512i lane = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512d dd = _mm512_set1_pd((double)d), inv = _mm512_set1_pd(1.0 / (double)d);
+    const __m512d r32 = _mm512_set1_pd((double)((1ULL << 32) % (uint64_t)d));
     const uint64_t base = seed + start + GOLDEN;
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n; i += 16) {
-        __m256i a = group(splitmix(_mm512_add_epi64(_mm512_set1_epi64(base + i), lane)), d, dv, inv);
-        __m256i b = group(splitmix(_mm512_add_epi64(_mm512_set1_epi64(base + i + 8), lane)), d, dv, inv);
+        __m256i a = group(splitmix(_mm512_add_epi64(_mm512_set1_epi64(base + i), lane)), d, dd, inv, r32);
+        __m256i b = group(splitmix(_mm512_add_epi64(_mm512_set1_epi64(base + i + 8), lane)), d, dd, inv, r32);
         __m512i ids = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
         __m512 t = _mm512_i32gather_ps(ids, table, 4);
         _mm512_storeu_ps(w + i, _mm512_add_ps(_mm512_loadu_ps(w0 + i), t));
