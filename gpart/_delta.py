@@ -35,6 +35,7 @@ from .partition import (
     FAST_MOD_LIMIT,
     _hash_base,
     _mix_,
+    _mod_constants,
     _mod_kind,
     _shr,
     _umod,
@@ -275,8 +276,7 @@ def _build_scalars(start, d, seed, p, key, device, table_dtype):
     return (
         torch.tensor(_hash_base(seed, start), **i64),
         torch.tensor(d, **i64),
-        torch.tensor(1.0 / d, dtype=torch.float64, device=device),
-        torch.tensor(float((1 << 32) % d), dtype=torch.float64, device=device),
+        *(torch.tensor(c, dtype=torch.float64, device=device) for c in _mod_constants(d)),
         torch.tensor(_hash_base(key, start), **i64),
         torch.tensor(_threshold(p), **i64),
         torch.tensor(_keep_scale(p) if p > 0 else 1.0, dtype=table_dtype, device=device),
@@ -333,7 +333,8 @@ def count_groups(
     if backend == "eager" or d >= FAST_MOD_LIMIT:
         return group_counts(size, d=d, seed=seed, chunk_size=chunk, device=device)
     counts = torch.zeros(d, dtype=torch.int64, device=device)
-    kernel = _compiled_fn("ids_into", torch.device(device), _mod_kind(d))
+    kind = _mod_kind(d)
+    kernel = _compiled_fn("ids_into", torch.device(device), kind)
     ids = torch.empty(min(chunk, size), dtype=torch.int64, device=device)
     for lo in range(0, size, chunk):
         base, d_t, inv_d, r32, *_ = _scalars(lo, d, seed, 0.0, 0, device, torch.float32)
@@ -341,7 +342,7 @@ def count_groups(
         # A short last chunk gets its own buffer: a view of `ids` would fail Dynamo's guard on
         # the view's base size and recompile the kernel (measured: 0.4 s, once per process).
         part = ids if n == ids.numel() else torch.empty(n, dtype=torch.int64, device=device)
-        kernel(part, base, d_t, inv_d, r32, _mod_kind(d))
+        kernel(part, base, d_t, inv_d, r32, kind)
         counts += _count(part, d)
     return counts
 
@@ -511,8 +512,7 @@ def traced(
         theta * scale,
         base,
         d,
-        1.0 / d,
-        float((1 << 32) % d),
+        *_mod_constants(d),
         dropout_key + _hash_base(0, start) if on else None,
         _threshold(dropout) if on else None,
         _keep_scale(dropout) if on else 1.0,

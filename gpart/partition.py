@@ -142,6 +142,12 @@ def _umod_split(z: torch.Tensor, d, inv_d, r32) -> torch.Tensor:
     return torch.where(r >= d_f, r - d_f, r).to(torch.int64)
 
 
+def _mod_constants(d: int) -> tuple[float, float]:
+    """``(1/d, 2**32 mod d)`` as floats: the ``inv_d`` and ``r32`` of :func:`_umod_fast` and
+    :func:`_umod_split` (computed once per d by their callers, never inside a kernel)."""
+    return 1.0 / d, float((1 << 32) % d)
+
+
 def _mod_kind(d: int) -> str:
     """Which unsigned modulo serves ``d`` in the compiled kernels: a mask for a power of two,
     :func:`_umod_split` up to 2**21, :func:`_umod_fast` below 2**31, else :func:`_umod` (eager)."""
