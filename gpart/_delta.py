@@ -83,17 +83,26 @@ def _eager_mask(key: int, start: int, n: int, p: float, device: torch.device) ->
 def _eager_forward(w0, table, start, d, seed, p, key, chunk, keep_ids=None):
     flat = w0.reshape(-1)
     out = torch.empty_like(flat)
+    handed = []
     for lo in range(0, flat.numel(), chunk):
         n = min(chunk, flat.numel() - lo)
-        part = table[group_ids(start + lo, n, d=d, seed=seed, device=w0.device)]
+        ids = group_ids(start + lo, n, d=d, seed=seed, device=w0.device)
+        part = table[ids]
         if p > 0.0:
             keep = _eager_mask(key, start + lo, n, p, w0.device)
             part = torch.where(keep, part * _keep_scale(p), 0.0)
+            ids = torch.where(keep, ids, d)
         out[lo : lo + n] = _add(flat[lo : lo + n], part)
+        if keep_ids is not None:
+            handed.append(ids)
+    if keep_ids is not None:
+        keep_ids(handed[0] if len(handed) == 1 else torch.cat(handed))
     return out.view(w0.shape)
 
 
 def _eager_segment_sum(grad, start, d, seed, p, key, chunk, dtype, ids=None):
+    if ids is not None:
+        return _segment_sum_of_ids(grad, ids, d, p, dtype)
     flat = grad.reshape(-1)
 
     def pieces(lo, hi):
@@ -159,6 +168,16 @@ def _scatter_sum(pieces, length: int, dtype: torch.dtype, device: torch.device) 
                 sums = torch.zeros(length, dtype=values.dtype, device=values.device)
             sums.index_add_(0, ids, values)
     return sums if sums is not None else torch.zeros(length, dtype=dtype, device=device)
+
+
+def _segment_sum_of_ids(grad, ids, d, p, dtype):
+    """The segment sum with the group ids handed over by the recompute of this very weight (dropped
+    entries carry id ``d``): no second hash pass. The same bits as regenerating the ids: a dropped
+    entry adds +0.0 there, which never changes a sum that starts at +0.0."""
+    values = grad.reshape(-1).to(dtype)
+    if p > 0.0:
+        values = values * _keep_scale(p)
+    return _sum_whole(ids, values, d, d + 1)[:d]
 
 
 # --------------------------------------------------------------------------------------- compiled
@@ -259,28 +278,38 @@ def _compiled_fn(name: str, *setting):
     return _compiled[key]
 
 
-@functools.lru_cache(maxsize=1024)
 def _scalars(start, d, seed, p, key, device, table_dtype):
-    """The per-call integers as 0-d tensors, so that one compiled kernel serves every call.
+    """The per-call integers as 0-d tensors, so that one compiled kernel serves every call:
+    ``(base, d, inv_d, r32, kbase, thresh, keep_scale)``.
 
-    Cached: they are the same for a target at every step, and on a GPU building them is a host to
-    device copy that makes the host wait for the device (measured: the largest per-target cost of
-    a bf16 Qwen2-0.5B step on an H200).
+    All but the dropout key's base come from a per-target cache (:func:`_static_scalars`). The
+    key changes at every training forward, so its base is the cached ``start + golden`` plus the
+    key, added on the device: a kernel argument, never a host to device copy.
     """
-    with torch.inference_mode(False):
-        return _build_scalars(start, d, seed, p, key, torch.device(device), table_dtype)
+    base, d_t, inv_d, r32, koff, thresh, keep_scale = _static_scalars(start, d, seed, p, device, table_dtype)
+    kbase = koff if p == 0.0 else koff + key  # int64 wraparound, as _hash_base(key, start)
+    return base, d_t, inv_d, r32, kbase, thresh, keep_scale
 
 
-def _build_scalars(start, d, seed, p, key, device, table_dtype):
+@functools.lru_cache(maxsize=4096)
+def _static_scalars(start, d, seed, p, device, table_dtype):
+    """The scalars of one target that do not change from call to call, built once.
+
+    On a GPU building a tensor from a Python number is a host to device copy that makes the host
+    wait for the device (measured: the largest per-target cost of a bf16 Qwen2-0.5B step on an
+    H200), so they are built once per (target, setting), never per call.
+    """
+    device = torch.device(device)
     i64 = {"dtype": torch.int64, "device": device}
-    return (
-        torch.tensor(_hash_base(seed, start), **i64),
-        torch.tensor(d, **i64),
-        *(torch.tensor(c, dtype=torch.float64, device=device) for c in _mod_constants(d)),
-        torch.tensor(_hash_base(key, start), **i64),
-        torch.tensor(_threshold(p), **i64),
-        torch.tensor(_keep_scale(p) if p > 0 else 1.0, dtype=table_dtype, device=device),
-    )
+    with torch.inference_mode(False):
+        return (
+            torch.tensor(_hash_base(seed, start), **i64),
+            torch.tensor(d, **i64),
+            *(torch.tensor(c, dtype=torch.float64, device=device) for c in _mod_constants(d)),
+            torch.tensor(_hash_base(0, start), **i64),
+            torch.tensor(_threshold(p), **i64),
+            torch.tensor(_keep_scale(p) if p > 0 else 1.0, dtype=table_dtype, device=device),
+        )
 
 
 def _compiled_forward(w0, table, start, d, seed, p, key, chunk, keep_ids=None):
@@ -298,12 +327,9 @@ def _compiled_forward(w0, table, start, d, seed, p, key, chunk, keep_ids=None):
 
 
 def _compiled_segment_sum(grad, start, d, seed, p, key, chunk, dtype, ids=None):
+    if ids is not None:
+        return _segment_sum_of_ids(grad, ids, d, p, dtype)
     flat = grad.reshape(-1)
-    if ids is not None:  # handed over by the recompute of this very weight: no second hash pass
-        values = flat.to(dtype)
-        if p > 0.0:
-            values = values * _keep_scale(p)
-        return _sum_whole(ids, values, d, d + 1)[:d]  # dropped entries: bucket d
     if d >= FAST_MOD_LIMIT:
         return _eager_segment_sum(grad, start, d, seed, p, key, chunk, dtype)
     static = (p > 0.0, _mod_kind(d))
@@ -470,9 +496,14 @@ def recompute(
     backend: str,
     handoff: IdsHandoff | None,
 ) -> torch.Tensor:
-    """The value of :func:`effective` again (no autograd), handing the group ids to ``handoff``."""
+    """The value of :func:`effective` again (no autograd), handing the group ids to ``handoff``.
+
+    The eager kernel hands its ids over only up to :data:`_BACKWARD_CHUNK` entries: beyond that
+    the segment sum regenerates them chunk by chunk rather than hold 8 bytes per entry.
+    """
     forward, _ = _KERNELS[backend]
-    keep = handoff.put(start, dropout_key) if handoff is not None and backend == "compiled" else None
+    hand = handoff is not None and (backend == "compiled" or w0.numel() <= _BACKWARD_CHUNK)
+    keep = handoff.put(start, dropout_key) if hand else None
     with torch.no_grad():
         return forward(
             w0,

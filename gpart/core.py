@@ -18,9 +18,9 @@ from torch.nn.utils import parametrize
 
 from . import _delta
 from .errors import ConfigError, StateError, TargetError
-from .parametrization import GPartConfig, GPartParametrization, GPartState
+from .parametrization import GPartConfig, GPartParametrization, GPartState, Pack
 from .partition import group_scales
-from .targets import Layout, TargetSpec, _hint, _name_matches, resolve
+from .targets import Layout, TargetSpec, _hint, _name_matches, packs, resolve
 
 __all__ = ["Summary", "apply", "cached", "disabled", "merge", "remove", "summary", "theta"]
 
@@ -225,6 +225,16 @@ def _install(
             for module in _target_modules(model, layout):
                 module.register_forward_pre_hook(state.recipes.enter)
                 module.register_forward_hook(state.recipes.exit, always_call=True)
+        for owner_name, members in packs(model, layout):
+            targets = [layout.targets[i] for i in members]
+            plists = [model.get_submodule(t.module_name).parametrizations[t.param_name] for t in targets]
+            pack = Pack(state, [plist[0] for plist in plists], plists)
+            for index, plist in enumerate(plists):
+                plist[0].pack, plist[0].index = pack, index
+            owner = model.get_submodule(owner_name)
+            owner.register_forward_pre_hook(pack.open)
+            owner.register_forward_hook(pack.close, always_call=True)
+            state.packs.append((owner, pack))
         if freeze:
             for name, p in model.named_parameters():
                 if name != f"{STATE_ATTR}.theta":
@@ -261,6 +271,9 @@ def _uninstall(model: nn.Module, state: GPartState, done: list[tuple[nn.Module, 
     if state.recipes is not None:
         for module, _ in done:
             _remove_hooks(module, state.recipes)
+    for owner, pack in state.packs:
+        _remove_hooks(owner, pack)
+    state.packs.clear()
     for module in {id(m): m for m, _ in done}.values():
         _own_class(module)
     for module, pname in reversed(done):

@@ -24,7 +24,7 @@ from .errors import StateError
 from .partition import _hash_base
 from .targets import Layout, Target
 
-__all__ = ["GPartConfig", "GPartParametrization", "GPartState", "SaveRecipes"]
+__all__ = ["GPartConfig", "GPartParametrization", "GPartState", "Pack", "SaveRecipes"]
 
 
 @dataclass(frozen=True)
@@ -46,15 +46,40 @@ class GPartConfig:
 
 
 class _Recipe:
-    """How to rebuild one ``W0 + delta`` in backward: the forward's own inputs, nothing D-sized new."""
+    """How to rebuild ``W0 + delta`` in backward: the forward's own inputs, nothing D-sized new.
 
-    __slots__ = ("backend", "dropout", "handoff", "key", "scale", "seed", "start", "theta", "version", "w0")
+    ``w0s`` is one target's W0, or the W0s of a :class:`Pack` (flattened and concatenated at each
+    use, never kept so). Several saved views can share one recipe (a pack's targets, or one weight
+    saved twice); the recomputed value is kept only until the last of them is unpacked.
+    """
 
-    def __init__(self, w0, theta, scale, *, start, seed, dropout, key, backend, handoff=None) -> None:
-        self.w0, self.theta, self.scale = w0, theta, scale
+    __slots__ = (
+        "backend",
+        "dropout",
+        "handoff",
+        "key",
+        "pending",
+        "scale",
+        "seed",
+        "start",
+        "theta",
+        "value",
+        "version",
+        "w0s",
+    )
+
+    def __init__(self, w0s, theta, scale, *, start, seed, dropout, key, backend, handoff=None) -> None:
+        self.w0s, self.theta, self.scale = w0s, theta, scale
         self.start, self.seed, self.dropout, self.key, self.backend = start, seed, dropout, key, backend
         self.handoff = handoff
         self.version = theta._version
+        self.pending = 0  # saved views of the result not unpacked yet
+        self.value: torch.Tensor | None = None
+
+    def _w0(self) -> torch.Tensor:
+        if len(self.w0s) == 1:
+            return self.w0s[0]
+        return torch.cat([w.reshape(-1) for w in self.w0s])
 
     def _kwargs(self) -> dict:
         return {
@@ -68,16 +93,21 @@ class _Recipe:
 
     def compute(self) -> torch.Tensor:
         """The forward computation (differentiable in theta)."""
-        return _delta.effective(self.w0, self.theta, self.scale, **self._kwargs())
+        return _delta.effective(self._w0(), self.theta, self.scale, **self._kwargs())
 
-    def __call__(self) -> torch.Tensor:
-        """Recompute in backward: the forward's value, as long as theta was not changed in between."""
+    def unpack(self, geometry) -> torch.Tensor:
+        """One saved view, rebuilt in backward: the forward's value, unless theta changed in between."""
         if self.theta._version != self.version:
             raise RuntimeError(
                 "gpart: theta was modified in place between forward and backward, so the weights "
                 "of that forward can no longer be recomputed. Step the optimizer after backward."
             )
-        return _delta.recompute(self.w0, self.theta, self.scale, **self._kwargs())
+        value = self.value
+        if value is None:
+            value = _delta.recompute(self._w0(), self.theta, self.scale, **self._kwargs())
+        self.pending -= 1
+        self.value = value if self.pending > 0 else None
+        return value.as_strided(*geometry)
 
 
 class _Saved:
@@ -88,6 +118,7 @@ class _Saved:
     def __init__(self, recipe: _Recipe, t: torch.Tensor) -> None:
         self.recipe = recipe
         self.geometry = (t.size(), t.stride(), t.storage_offset())
+        recipe.pending += 1
 
 
 def _storage_ptr(t: torch.Tensor) -> int | None:
@@ -111,10 +142,16 @@ class SaveRecipes:
         self.handoff = _delta.IdsHandoff()
         self.live: dict[int, tuple[weakref.ref, _Recipe]] = {}
         self.stack: list[torch.autograd.graph.saved_tensors_hooks | None] = []
+        self.outers: list[object] = []  # the hooks each entry of `stack` passes other tensors to
 
     @property
     def active(self) -> bool:
         return bool(self.stack) and self.stack[-1] is not None
+
+    @property
+    def outer(self) -> object:
+        """The saved-tensor hooks that were active when the innermost target module was entered."""
+        return self.outers[-1]
 
     def register(self, out: torch.Tensor, recipe: _Recipe) -> None:
         ptr = _storage_ptr(out)
@@ -124,6 +161,7 @@ class SaveRecipes:
     def enter(self, module: nn.Module, args) -> None:
         if not torch.is_grad_enabled() or torch.compiler.is_compiling():
             self.stack.append(None)
+            self.outers.append(None)
             return
         try:
             outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
@@ -134,8 +172,10 @@ class SaveRecipes:
         )
         hooks.__enter__()
         self.stack.append(hooks)
+        self.outers.append(outer)
 
     def exit(self, module: nn.Module, args, output) -> None:
+        self.outers.pop()
         hooks = self.stack.pop()
         if hooks is not None:
             hooks.__exit__(None, None, None)
@@ -151,7 +191,7 @@ class SaveRecipes:
     @staticmethod
     def _unpack(packed, outer) -> torch.Tensor:
         if isinstance(packed, _Saved):
-            return packed.recipe().as_strided(*packed.geometry)
+            return packed.recipe.unpack(packed.geometry)
         if outer is None:
             return packed
         unpack, inner = packed
@@ -182,6 +222,7 @@ class GPartState(nn.Module):
         # requires_grad of every parameter before apply, so remove/merge can restore it exactly.
         self.saved_requires_grad: dict[str, bool] = {}
         self.saved_order: dict[str, list[str]] = {}
+        self.packs: list[tuple[nn.Module, Pack]] = []  # (owner module, pack), see gpart.targets.packs
 
     def forward(self, x):
         """Identity: a container root (``nn.Sequential``) calls its children in turn, this one too."""
@@ -248,6 +289,106 @@ _NON_REENTRANT = (
 )
 
 
+def _foreign_saved_hooks(state: GPartState) -> bool:
+    """Whether saved-tensor hooks other than gpart's own are active (e.g. activation checkpointing)."""
+    recipes = state.recipes
+    if recipes is not None and recipes.active:
+        return recipes.outer is not None
+    try:
+        return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    except (AttributeError, TypeError):  # private API: unknown counts as present (the safe side)
+        return True
+
+
+class Pack:
+    """Small targets whose ``W0 + delta`` are computed in one call per forward of their owner module.
+
+    A small target costs more in per-call overhead (a dozen tensor ops, each a few microseconds on
+    a CPU, a kernel launch on a GPU) than in per-entry work. The targets of a pack are consecutive
+    in the index space, so one kernel call over their joint interval computes all their weights:
+    one hash pass instead of one per target, and one node in the autograd graph. The owner is the
+    innermost module whose forward runs every member; its forward hooks open and close a session:
+    the first member accessed in a session computes the pack, each member takes its own weight
+    once, and whatever is left is dropped when the session closes. Everything else (an access
+    outside a session, a second access in one, a sharded or mixed-dtype W0) takes the
+    per-target path, which gives the same values.
+
+    Only forwards without delta dropout are packed. A dropout mask comes from a key drawn from the
+    RNG when the weight is accessed; activation checkpointing replays a block with the RNG as it
+    was when the block started, and FSDP2 computes each weight on its own, so drawing one key per
+    access is what keeps the masks, hence the trained theta, the same under every execution
+    strategy. A pack cannot know the key of a member before that member is accessed. Nor does a
+    pack serve an access under saved-tensor hooks other than gpart's (activation checkpointing):
+    a checkpointed block is replayed alone, one target at a time, and its replay must save the
+    same tensors as its forward did.
+    """
+
+    def __init__(self, state: GPartState, members: list[GPartParametrization], plists: list[nn.Module]):
+        self.state, self.members, self.plists = state, members, plists
+        self.start = members[0].start
+        self.sizes = [m.numel for m in members]
+        self.depth = 0
+        self.filled = False
+        self.stash: dict[int, tuple[torch.Tensor, torch.Tensor, _Recipe]] = {}
+
+    def open(self, module: nn.Module, args) -> None:
+        if torch.compiler.is_compiling():
+            return
+        self.depth += 1
+
+    def close(self, module: nn.Module, args, output) -> None:
+        if torch.compiler.is_compiling() or self.depth == 0:
+            return
+        self.depth -= 1
+        if self.depth == 0:
+            self.stash.clear()
+            self.filled = False
+
+    def take(self, index: int, w0: torch.Tensor, dropout: float) -> tuple[torch.Tensor, _Recipe] | None:
+        """Member ``index``'s ``W0 + delta`` from this session's pack call, or None (per-target path)."""
+        if self.depth == 0 or dropout > 0.0 or _foreign_saved_hooks(self.state):
+            return None
+        if not self.filled:
+            self.filled = True
+            self._fill()
+        entry = self.stash.pop(index, None)
+        if entry is None or entry[1] is not w0:
+            return None
+        return entry[0], entry[2]
+
+    def _fill(self) -> None:
+        state = self.state
+        w0s = [plist.original for plist in self.plists]
+        first = w0s[0]
+        if any(type(w) not in _PLAIN or w.dtype != first.dtype or w.device != first.device for w in w0s):
+            return  # sharded (DTensor) or mixed: per target
+        if any(m.rate() > 0.0 for m in self.members):
+            return  # dropout: per target (see above)
+        recipe = _Recipe(
+            tuple(w.detach() for w in w0s),
+            state.theta.to(first.device),
+            state.scale.to(first.device),
+            start=self.start,
+            seed=state.config.seed,
+            dropout=0.0,
+            key=0,
+            backend=state.backend,
+            handoff=state.recipes.handoff if state.recipes is not None else None,
+        )
+        parts = recipe.compute().split(self.sizes)
+        self.stash = {
+            i: (part.view(w0.shape), w0, recipe) for i, (part, w0) in enumerate(zip(parts, w0s, strict=True))
+        }
+
+
+_PLAIN = (torch.Tensor, nn.Parameter)  # not a tensor subclass such as an FSDP2 shard (DTensor)
+
+
+def _draw_key() -> int:
+    """A fresh dropout key from the default (CPU) generator: no device involved, no host sync."""
+    return int(torch.randint(0, 1 << 62, ()))
+
+
 class GPartParametrization(nn.Module):
     """``W -> W0 + reshape(P theta)[interval]``, registered on one target tensor."""
 
@@ -265,14 +406,28 @@ class GPartParametrization(nn.Module):
         self.register_buffer(
             "hash_base", torch.tensor(_hash_base(state.config.seed, self.start)), persistent=False
         )
+        self.pack: Pack | None = None  # set by gpart.apply for small targets
+        self.index = 0  # position in the pack
+
+    def rate(self) -> float:
+        """The delta dropout probability of this tensor's current forward."""
+        return self.state.config.dropout if self.training and self.droppable else 0.0
 
     def forward(self, w0: torch.Tensor) -> torch.Tensor:
         state: GPartState = self.state
         if not state.enabled:
             return w0
-        if not torch.is_grad_enabled() and state.theta.requires_grad and not torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        if not compiling and not torch.is_grad_enabled() and state.theta.requires_grad:
             _check_reentrant_checkpoint()
-        p = state.config.dropout if self.training and self.droppable else 0.0
+        p = self.rate()
+        if self.pack is not None and not compiling:
+            hit = self.pack.take(self.index, w0, p)
+            if hit is not None:
+                out, recipe = hit
+                if state.recipes is not None and state.recipes.active and out.requires_grad:
+                    state.recipes.register(out, recipe)
+                return out
         return self.effective(w0, dropout=p)
 
     def effective(self, w0: torch.Tensor, *, dropout: float) -> torch.Tensor:
@@ -290,13 +445,13 @@ class GPartParametrization(nn.Module):
                 dropout_key=key,
             )
         recipe = _Recipe(
-            w0.detach(),
+            (w0.detach(),),
             state.theta.to(w0.device),
             state.scale.to(w0.device),
             start=self.start,
             seed=state.config.seed,
             dropout=dropout,
-            key=int(torch.randint(0, 1 << 62, ())) if dropout > 0.0 else 0,
+            key=_draw_key() if dropout > 0.0 else 0,
             backend=state.backend,
             handoff=state.recipes.handoff if state.recipes is not None else None,
         )

@@ -255,9 +255,9 @@ def test_compiled_model_trains_like_eager(monkeypatch):
         results.append(gpart.theta(model).detach().clone())
     assert torch.equal(results[0], results[1])
     handed = [t is not None for t in taken]
-    # Eager never hands ids over. Compiled does for layer 2, whose weight is saved (for the input
-    # gradient) and recomputed; layer 0's input needs no gradient, so its weight is never saved.
-    assert handed == [False] * 6 + [True, False] * 3
+    # Both kernels hand ids over for layer 2, whose weight is saved (for the input gradient) and
+    # recomputed; layer 0's input needs no gradient, so its weight is never saved.
+    assert handed == [True, False] * 6
 
 
 def test_auto_backend_picks_eager_for_small_models(monkeypatch):
