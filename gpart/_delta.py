@@ -82,7 +82,8 @@ def _eager_mask(key: int, start: int, n: int, p: float, device: torch.device) ->
 
 def _eager_forward(w0, table, start, d, seed, p, key, chunk, keep_ids=None):
     flat = w0.reshape(-1)
-    out = torch.empty_like(flat)
+    one = 0 < flat.numel() <= chunk
+    out = None if one else torch.empty_like(flat)  # one chunk: its sum is the output, no copy
     handed = []
     for lo in range(0, flat.numel(), chunk):
         n = min(chunk, flat.numel() - lo)
@@ -92,7 +93,10 @@ def _eager_forward(w0, table, start, d, seed, p, key, chunk, keep_ids=None):
             keep = _eager_mask(key, start + lo, n, p, w0.device)
             part = torch.where(keep, part * _keep_scale(p), 0.0)
             ids = torch.where(keep, ids, d)
-        out[lo : lo + n] = _add(flat[lo : lo + n], part)
+        if out is None:
+            out = _add(flat, part)
+        else:
+            out[lo : lo + n] = _add(flat[lo : lo + n], part)
         if keep_ids is not None:
             handed.append(ids)
     if keep_ids is not None:

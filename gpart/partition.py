@@ -55,7 +55,9 @@ def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _umod(z: torch.Tensor, d: int) -> torch.Tensor:
-    """``z mod d`` with ``z`` read as unsigned 64-bit, for ``0 < d < 2**63``."""
+    """``z mod d`` with ``z`` read as unsigned 64-bit, for ``0 < d < 2**63``; may reuse ``z``'s memory."""
+    if _is_pow2(d):  # its low bits, in place: a mask instead of a division (13 vs 180 us per 131,072)
+        return z.bitwise_and_(d - 1)
     r = torch.remainder(z, d)  # floor-mod: in [0, d) for the signed value
     fix = _U64 % d  # a negative z stands for z + 2**64
     if fix:
@@ -63,13 +65,26 @@ def _umod(z: torch.Tensor, d: int) -> torch.Tensor:
     return r
 
 
-def _mix_(z: torch.Tensor) -> torch.Tensor:
-    """SplitMix64 output function, in place, on int64 bit patterns (eager and compiled alike)."""
-    z ^= _shr(z, 30)
+def _xorshift_(z: torch.Tensor, k: int, scratch: torch.Tensor | None) -> None:
+    """``z ^= z >>> k`` (logical shift) in place, the shifted copy in ``scratch`` if given."""
+    t = z >> k if scratch is None else torch.bitwise_right_shift(z, k, out=scratch)
+    t &= (1 << (64 - k)) - 1
+    z ^= t
+
+
+def _mix_(z: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """SplitMix64 output function, in place, on int64 bit patterns (eager and compiled alike).
+
+    Eagerly every op is a pass over memory, and on a CPU a fresh tensor of a MiB or more is
+    fresh pages from the OS (page faults, measured: most of an eager hash inside a training
+    step); so the shifted copies go to one ``scratch`` tensor, masked in place. Compiled code
+    passes none: Inductor fuses the whole chain into registers.
+    """
+    _xorshift_(z, 30, scratch)
     z *= _as_int64(_MIX1)
-    z ^= _shr(z, 27)
+    _xorshift_(z, 27, scratch)
     z *= _as_int64(_MIX2)
-    z ^= _shr(z, 31)
+    _xorshift_(z, 31, scratch)
     return z
 
 
@@ -77,7 +92,7 @@ def _splitmix64(key: int, start: int, count: int, device: torch.device | str | N
     """SplitMix64 output of ``key + start + k`` for ``k`` in ``[0, count)``, as int64 bit patterns."""
     z = torch.arange(count, dtype=torch.int64, device=device)
     z += _hash_base(key, start)  # wraps modulo 2**64, like uint64
-    return _mix_(z)
+    return _mix_(z, torch.empty_like(z))
 
 
 def _hash_base(key: int, start: int) -> int:
