@@ -33,29 +33,31 @@ import torch
 from .partition import (
     DEFAULT_CHUNK,
     FAST_MOD_LIMIT,
+    _as_int64,
     _hash_base,
+    _keep,
+    _mask_key,
     _mix_,
     _mod_constants,
     _mod_kind,
-    _shr,
+    _splitmix64,
     _umod,
     _umod_fast,
     _umod_pow2,
     _umod_split,
     group_counts,
-    group_ids,
 )
 
 __all__ = ["BACKENDS", "IdsHandoff", "count_groups", "effective", "materialize", "recompute", "traced"]
 
 BACKENDS = ("eager", "compiled")
-# The dropout mask compares the top 24 hash bits with an integer threshold: exact on every device.
-_MASK_BITS = 24
 _BACKWARD_CHUNK = 1 << 22
 
 
-def _threshold(p: float) -> int:
-    return round(p * (1 << _MASK_BITS))
+def _cutoff(p: float) -> int:
+    """The int64 that :func:`gpart.partition._keep` compares with for dropout ``p`` (sign bit flipped):
+    ``p`` rounded to a multiple of 2**-24, an integer comparison that is exact on every device."""
+    return _as_int64((round(p * (1 << 24)) << 40) - (1 << 63))
 
 
 @torch.compiler.assume_constant_result  # traced code (see traced) sees a constant, not .item()
@@ -70,14 +72,10 @@ def _acc_dtype(w0_dtype: torch.dtype, table_dtype: torch.dtype) -> torch.dtype:
 # ------------------------------------------------------------------------------------------ eager
 
 
-def _keep_mask(idx: torch.Tensor, kbase, thresh) -> torch.Tensor:
-    """Dropout keep-mask of positions ``idx`` (offsets from the key's base): top 24 hash bits vs threshold."""
-    return _shr(_mix_(idx + kbase), 64 - _MASK_BITS) >= thresh
-
-
-def _eager_mask(key: int, start: int, n: int, p: float, device: torch.device) -> torch.Tensor:
-    idx = torch.arange(n, dtype=torch.int64, device=device)
-    return _keep_mask(idx, _hash_base(key, start), _threshold(p))
+def _eager_hash_keep(start, n, seed, p, key, device):
+    """The hashes of ``n`` positions and their keep-mask (None without dropout)."""
+    z = _splitmix64(seed, start, n, device)
+    return z, (_keep(z, _mask_key(key), _cutoff(p)) if p > 0.0 else None)
 
 
 def _eager_forward(w0, table, start, d, seed, p, key, chunk, keep_ids=None):
@@ -87,10 +85,10 @@ def _eager_forward(w0, table, start, d, seed, p, key, chunk, keep_ids=None):
     handed = []
     for lo in range(0, flat.numel(), chunk):
         n = min(chunk, flat.numel() - lo)
-        ids = group_ids(start + lo, n, d=d, seed=seed, device=w0.device)
+        z, keep = _eager_hash_keep(start + lo, n, seed, p, key, w0.device)
+        ids = _umod(z, d)
         part = table[ids]
-        if p > 0.0:
-            keep = _eager_mask(key, start + lo, n, p, w0.device)
+        if keep is not None:
             part = torch.where(keep, part * _keep_scale(p), 0.0)
             ids = torch.where(keep, ids, d)
         if out is None:
@@ -113,10 +111,10 @@ def _eager_segment_sum(grad, start, d, seed, p, key, chunk, dtype, ids=None):
         for a in range(lo, hi, chunk):
             n = min(chunk, hi - a)
             part = flat[a : a + n].to(dtype)
-            if p > 0.0:
-                keep = _eager_mask(key, start + a, n, p, flat.device)
+            z, keep = _eager_hash_keep(start + a, n, seed, p, key, flat.device)
+            if keep is not None:
                 part = torch.where(keep, part * _keep_scale(p), 0.0)
-            yield group_ids(start + a, n, d=d, seed=seed, device=flat.device), part
+            yield _umod(z, d), part
 
     return _sum_in_parts(flat.numel(), d, d, dtype, flat.device, pieces)
 
@@ -187,15 +185,15 @@ def _segment_sum_of_ids(grad, ids, d, p, dtype):
 # --------------------------------------------------------------------------------------- compiled
 
 
-def _fused_ids_keep(n, device, base, d, inv_d, r32, kbase, thresh, dropout: bool, mod: str):
+def _fused_ids_keep(n, device, base, d, inv_d, r32, mkey, cutoff, dropout: bool, mod: str):
     """Group ids (int64) and the keep-mask (None without dropout) of ``n`` consecutive positions.
 
     ``dropout`` (a bool) and ``mod`` (:func:`gpart.partition._mod_kind` of d) are static, so
     each combination is its own compiled kernel; ``inv_d = 1/d`` and ``r32 = 2**32 mod d`` are
-    float64 constants of the modulo.
+    float64 constants of the modulo; ``mkey`` and ``cutoff`` those of :func:`gpart.partition._keep`.
     """
-    idx = torch.arange(n, dtype=torch.int64, device=device)
-    z = _mix_(idx + base)
+    z = _mix_(torch.arange(n, dtype=torch.int64, device=device) + base)
+    keep = _keep(z, mkey, cutoff) if dropout else None
     if mod == "pow2":
         ids = _umod_pow2(z, d)
     elif mod == "split":
@@ -204,16 +202,16 @@ def _fused_ids_keep(n, device, base, d, inv_d, r32, kbase, thresh, dropout: bool
         ids = _umod_fast(z, d, inv_d)
     else:  # d >= 2**31: only from `traced`, which has d as an int
         ids = _umod(z, d)
-    return ids, (_keep_mask(idx, kbase, thresh) if dropout else None)
+    return ids, keep
 
 
-def _fused_forward(w0, table, base, d, inv_d, r32, kbase, thresh, keep_scale, dropout: bool, mod: str):
-    return _fused_forward_ids(w0, table, base, d, inv_d, r32, kbase, thresh, keep_scale, dropout, mod)[0]
+def _fused_forward(w0, table, base, d, inv_d, r32, mkey, cutoff, keep_scale, dropout: bool, mod: str):
+    return _fused_forward_ids(w0, table, base, d, inv_d, r32, mkey, cutoff, keep_scale, dropout, mod)[0]
 
 
-def _fused_forward_ids(w0, table, base, d, inv_d, r32, kbase, thresh, keep_scale, dropout: bool, mod: str):
+def _fused_forward_ids(w0, table, base, d, inv_d, r32, mkey, cutoff, keep_scale, dropout: bool, mod: str):
     """``W0 + delta`` and the int64 group ids (dropped entries: ``d``); inductor drops what is unused."""
-    ids, keep = _fused_ids_keep(w0.numel(), w0.device, base, d, inv_d, r32, kbase, thresh, dropout, mod)
+    ids, keep = _fused_ids_keep(w0.numel(), w0.device, base, d, inv_d, r32, mkey, cutoff, dropout, mod)
     # ids are in [0, d) by construction (tested bit for bit against the eager kernel): the unsafe
     # gather lets inductor drop its per-entry bounds check (measured: -20% of the whole kernel).
     # The index width is measured, not derived (torch 2.13, AVX-512 CPU, same generated loop but
@@ -247,9 +245,9 @@ def _fused_ids_into(out, base, d, inv_d, r32, mod: str):
 
 
 def _fused_ids_values(
-    grad, dtype: torch.dtype, base, d, inv_d, r32, kbase, thresh, keep_scale, dropout: bool, mod: str
+    grad, dtype: torch.dtype, base, d, inv_d, r32, mkey, cutoff, keep_scale, dropout: bool, mod: str
 ):
-    ids, keep = _fused_ids_keep(grad.numel(), grad.device, base, d, inv_d, r32, kbase, thresh, dropout, mod)
+    ids, keep = _fused_ids_keep(grad.numel(), grad.device, base, d, inv_d, r32, mkey, cutoff, dropout, mod)
     values = grad.to(dtype)
     if keep is not None:
         values = torch.where(keep, values * keep_scale, 0.0)
@@ -284,15 +282,15 @@ def _compiled_fn(name: str, *setting):
 
 def _scalars(start, d, seed, p, key, device, table_dtype):
     """The per-call integers as 0-d tensors, so that one compiled kernel serves every call:
-    ``(base, d, inv_d, r32, kbase, thresh, keep_scale)``.
+    ``(base, d, inv_d, r32, mkey, cutoff, keep_scale)``.
 
-    All but the dropout key's base come from a per-target cache (:func:`_static_scalars`). The
-    key changes at every training forward, so its base is the cached ``start + golden`` plus the
-    key, added on the device: a kernel argument, never a host to device copy.
+    All but the dropout key come from a per-target cache (:func:`_static_scalars`). The key
+    changes at every training forward; it becomes a tensor through a fill, whose value is a kernel
+    argument: never a host to device copy, so the host never waits for the device.
     """
-    base, d_t, inv_d, r32, koff, thresh, keep_scale = _static_scalars(start, d, seed, p, device, table_dtype)
-    kbase = koff if p == 0.0 else koff + key  # int64 wraparound, as _hash_base(key, start)
-    return base, d_t, inv_d, r32, kbase, thresh, keep_scale
+    base, d_t, inv_d, r32, zero, cutoff, keep_scale = _static_scalars(start, d, seed, p, device, table_dtype)
+    mkey = zero if p == 0.0 else torch.full((), _mask_key(key), dtype=torch.int64, device=device)
+    return base, d_t, inv_d, r32, mkey, cutoff, keep_scale
 
 
 @functools.lru_cache(maxsize=4096)
@@ -310,8 +308,8 @@ def _static_scalars(start, d, seed, p, device, table_dtype):
             torch.tensor(_hash_base(seed, start), **i64),
             torch.tensor(d, **i64),
             *(torch.tensor(c, dtype=torch.float64, device=device) for c in _mod_constants(d)),
-            torch.tensor(_hash_base(0, start), **i64),
-            torch.tensor(_threshold(p), **i64),
+            torch.tensor(0, **i64),
+            torch.tensor(_cutoff(p), **i64),
             torch.tensor(_keep_scale(p) if p > 0 else 1.0, dtype=table_dtype, device=device),
         )
 
@@ -548,8 +546,8 @@ def traced(
         base,
         d,
         *_mod_constants(d),
-        dropout_key + _hash_base(0, start) if on else None,
-        _threshold(dropout) if on else None,
+        _mix_(dropout_key + _hash_base(0, 0)) if on else None,  # _mask_key, in tensor ops
+        _cutoff(dropout) if on else None,
         _keep_scale(dropout) if on else 1.0,
         on,
         _mod_kind(d),

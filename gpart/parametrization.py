@@ -12,6 +12,7 @@ assign=True)``) cannot leave a stale copy behind, and ``theta`` is registered ex
 
 from __future__ import annotations
 
+import collections
 import sys
 import weakref
 from dataclasses import asdict, dataclass
@@ -313,15 +314,22 @@ class Pack:
     outside a session, a second access in one, a sharded or mixed-dtype W0) takes the
     per-target path, which gives the same values.
 
-    Only forwards without delta dropout are packed. A dropout mask comes from a key drawn from the
-    RNG when the weight is accessed; activation checkpointing replays a block with the RNG as it
-    was when the block started, and FSDP2 computes each weight on its own, so drawing one key per
-    access is what keeps the masks, hence the trained theta, the same under every execution
-    strategy. A pack cannot know the key of a member before that member is accessed. Nor does a
-    pack serve an access under saved-tensor hooks other than gpart's (activation checkpointing):
-    a checkpointed block is replayed alone, one target at a time, and its replay must save the
-    same tensors as its forward did.
+    **Dropout keys.** A session draws one dropout key from the RNG, at its first member access,
+    and every member access of the session uses it, packed or not: the masks, hence the trained
+    theta, do not depend on which path computed a weight (FSDP2 computes each weight on its own,
+    for instance). Activation checkpointing replays a block after the session has closed, with
+    the RNG as it was when the block started, and a replay must compute what the forward did.
+    So an access under checkpointing (saved-tensor hooks other than gpart's, or grad off)
+    records its key under a token, a digest of the RNG state at that moment with the member's
+    index; the replay reaches the same RNG state, finds the key, and repeats the forward's draw
+    if it made one. Nor does a pack serve an access under saved-tensor hooks other than gpart's:
+    a checkpointed block is replayed one target at a time, and its replay must save the same
+    tensors as its forward did.
     """
+
+    #: Tokens kept for replays, at most (the oldest go first): replays follow their forward
+    #: within one step, so this bounds memory without ever mattering.
+    MAX_TOKENS = 1 << 16
 
     def __init__(self, state: GPartState, members: list[GPartParametrization], plists: list[nn.Module]):
         self.state, self.members, self.plists = state, members, plists
@@ -329,7 +337,9 @@ class Pack:
         self.sizes = [m.numel for m in members]
         self.depth = 0
         self.filled = False
-        self.stash: dict[int, tuple[torch.Tensor, torch.Tensor, _Recipe]] = {}
+        self.key: int | None = None  # the open session's dropout key, once drawn
+        self.stash: dict[int, tuple[torch.Tensor, torch.Tensor, _Recipe, float, bool]] = {}
+        self.tokens: collections.OrderedDict[tuple[int, int], tuple[int, bool]] = collections.OrderedDict()
 
     def open(self, module: nn.Module, args) -> None:
         if torch.compiler.is_compiling():
@@ -343,42 +353,88 @@ class Pack:
         if self.depth == 0:
             self.stash.clear()
             self.filled = False
+            self.key = None
+
+    def key_for(self, index: int) -> int:
+        """The dropout key of member ``index``'s access now (see the class docstring)."""
+        if self.depth == 0 or _in_backward():  # outside a session: a replay, or an access of its own
+            if self.tokens:
+                found = self.tokens.get((_rng_digest(), index))
+                if found is not None:
+                    key, drew = found
+                    if drew:
+                        _draw_key()  # the forward drew here: so does its replay
+                    return key
+            return _draw_key()
+        token = (_rng_digest(), index) if _checkpointing(self.state) else None
+        drew = self.key is None
+        if drew:
+            self.key = _draw_key()
+        if token is not None:
+            self.tokens[token] = (self.key, drew)
+            if len(self.tokens) > self.MAX_TOKENS:
+                self.tokens.popitem(last=False)
+        return self.key
 
     def take(self, index: int, w0: torch.Tensor, dropout: float) -> tuple[torch.Tensor, _Recipe] | None:
         """Member ``index``'s ``W0 + delta`` from this session's pack call, or None (per-target path)."""
-        if self.depth == 0 or dropout > 0.0 or _foreign_saved_hooks(self.state):
+        if self.depth == 0 or _foreign_saved_hooks(self.state):
             return None
         if not self.filled:
             self.filled = True
-            self._fill()
+            self._fill(dropout)
         entry = self.stash.pop(index, None)
-        if entry is None or entry[1] is not w0:
+        # A pack computed without grad (a reentrant-checkpointed block) is no use to a forward with
+        # grad (a head after those blocks): that weight would not reach theta.
+        if entry is None or entry[1] is not w0 or entry[3] != dropout or entry[4] != torch.is_grad_enabled():
             return None
         return entry[0], entry[2]
 
-    def _fill(self) -> None:
+    def _fill(self, dropout: float) -> None:
         state = self.state
         w0s = [plist.original for plist in self.plists]
         first = w0s[0]
         if any(type(w) not in _PLAIN or w.dtype != first.dtype or w.device != first.device for w in w0s):
             return  # sharded (DTensor) or mixed: per target
-        if any(m.rate() > 0.0 for m in self.members):
-            return  # dropout: per target (see above)
+        if any(m.rate() != dropout for m in self.members):
+            return  # dropout on some members only (biases are never dropped): per target
+        if dropout > 0.0 and self.key is None:
+            return  # no key drawn in this session (cannot happen through forward): per target
         recipe = _Recipe(
             tuple(w.detach() for w in w0s),
             state.theta.to(first.device),
             state.scale.to(first.device),
             start=self.start,
             seed=state.config.seed,
-            dropout=0.0,
-            key=0,
+            dropout=dropout,
+            key=self.key if dropout > 0.0 else 0,
             backend=state.backend,
             handoff=state.recipes.handoff if state.recipes is not None else None,
         )
         parts = recipe.compute().split(self.sizes)
+        grad = torch.is_grad_enabled()
         self.stash = {
-            i: (part.view(w0.shape), w0, recipe) for i, (part, w0) in enumerate(zip(parts, w0s, strict=True))
+            i: (part.view(w0.shape), w0, recipe, dropout, grad)
+            for i, (part, w0) in enumerate(zip(parts, w0s, strict=True))
         }
+
+
+def _in_backward() -> bool:
+    """Whether this runs inside a backward pass (where checkpointing replays its blocks)."""
+    try:
+        return torch._C._current_graph_task_id() != -1
+    except AttributeError:  # private API: without it, a replay is told by the closed session alone
+        return False
+
+
+def _checkpointing(state: GPartState) -> bool:
+    """Whether a later replay of this forward is possible: saved-tensor hooks or grad off."""
+    return not torch.is_grad_enabled() or _foreign_saved_hooks(state)
+
+
+def _rng_digest() -> int:
+    """A digest of the default CPU generator's state (the source of dropout keys); ~3 us."""
+    return hash(torch.get_rng_state().numpy().tobytes())
 
 
 _PLAIN = (torch.Tensor, nn.Parameter)  # not a tensor subclass such as an FSDP2 shard (DTensor)
@@ -421,17 +477,20 @@ class GPartParametrization(nn.Module):
         if not compiling and not torch.is_grad_enabled() and state.theta.requires_grad:
             _check_reentrant_checkpoint()
         p = self.rate()
+        key = None
         if self.pack is not None and not compiling:
+            key = self.pack.key_for(self.index) if p > 0.0 else None
             hit = self.pack.take(self.index, w0, p)
             if hit is not None:
                 out, recipe = hit
                 if state.recipes is not None and state.recipes.active and out.requires_grad:
                     state.recipes.register(out, recipe)
                 return out
-        return self.effective(w0, dropout=p)
+        return self.effective(w0, dropout=p, key=key)
 
-    def effective(self, w0: torch.Tensor, *, dropout: float) -> torch.Tensor:
-        """``W0 + delta`` with the given dropout probability (0 for merging and evaluation)."""
+    def effective(self, w0: torch.Tensor, *, dropout: float, key: int | None = None) -> torch.Tensor:
+        """``W0 + delta`` with the given dropout probability (0 for merging and evaluation) and
+        dropout key (None: a fresh one)."""
         state: GPartState = self.state
         if torch.compiler.is_compiling():  # plain ops: traced whole, no graph break, no host sync
             key = torch.randint(0, 1 << 62, (), device=w0.device) if dropout > 0.0 else None
@@ -451,7 +510,7 @@ class GPartParametrization(nn.Module):
             start=self.start,
             seed=state.config.seed,
             dropout=dropout,
-            key=_draw_key() if dropout > 0.0 else 0,
+            key=(_draw_key() if key is None else key) if dropout > 0.0 else 0,
             backend=state.backend,
             handoff=state.recipes.handoff if state.recipes is not None else None,
         )

@@ -100,6 +100,32 @@ def _hash_base(key: int, start: int) -> int:
     return _as_int64(key + start + _GOLDEN)
 
 
+_SIGN = -(1 << 63)
+_MASK_MULT = _as_int64(0xD1342543DE82EF95)  # an odd multiplier with good spectral figures of merit
+
+
+def _mask_key(key: int) -> int:
+    """A dropout key spread over all 64 bits (SplitMix64 of ``key``), as an int64."""
+    z = (key + _GOLDEN) % _U64
+    z = ((z ^ (z >> 30)) * _MIX1) % _U64
+    z = ((z ^ (z >> 27)) * _MIX2) % _U64
+    return _as_int64(z ^ (z >> 31))
+
+
+def _keep(z: torch.Tensor, mkey, cutoff) -> torch.Tensor:
+    """The dropout keep-mask of positions whose hashes are ``z``: ``((z ^ mkey) * m) >= cutoff``, unsigned.
+
+    ``z`` is the position's SplitMix64 hash (the one its group id comes from) and ``mkey`` a
+    call's key spread by :func:`_mask_key`, so ``z ^ mkey`` is uniform and independent from call
+    to call; the multiply carries every bit into the top ones, which are compared with
+    ``cutoff = (round(p * 2**24) << 40)``: an entry is dropped with probability ``p`` (to 2**-24).
+    Unsigned comparison on int64 patterns: flip the sign bit of both sides (``cutoff`` is passed
+    flipped already). Four ops per entry, none a second hash. ``mkey`` and ``cutoff`` may be 0-d
+    int64 tensors.
+    """
+    return ((z ^ mkey) * _MASK_MULT) ^ _SIGN >= cutoff
+
+
 #: :func:`_umod_fast` serves d below this bound (its proof needs it, and the compiled gather reads
 #: group ids as int32).
 FAST_MOD_LIMIT = 1 << 31

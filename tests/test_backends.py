@@ -231,8 +231,12 @@ def test_segment_sum_bits_do_not_depend_on_the_thread_count():
 
 
 @compiled
-def test_compiled_model_trains_like_eager(monkeypatch):
-    """Also covers the id hand-over from backward's recompute to the segment sum (with dropout)."""
+@pytest.mark.parametrize("packed", [True, False])
+def test_compiled_model_trains_like_eager(monkeypatch, packed):
+    """Also covers the id hand-over from backward's recompute to the segment sum (with dropout),
+    for a pack of the two targets and for each target on its own."""
+    if not packed:
+        monkeypatch.setattr(gpart.targets, "PACK_TARGET", 0)
     taken = []
     real_take = _delta.IdsHandoff.take
     monkeypatch.setattr(
@@ -256,8 +260,10 @@ def test_compiled_model_trains_like_eager(monkeypatch):
     assert torch.equal(results[0], results[1])
     handed = [t is not None for t in taken]
     # Both kernels hand ids over for layer 2, whose weight is saved (for the input gradient) and
-    # recomputed; layer 0's input needs no gradient, so its weight is never saved.
-    assert handed == [True, False] * 6
+    # recomputed; layer 0's input needs no gradient, so its weight is never saved. Packed, the
+    # recompute of layer 2's weight is the pack's, so the pack's one segment sum gets its ids.
+    assert handed == ([True] * 6 if packed else [True, False] * 6)
+    assert bool(model.gpart.packs) == packed
 
 
 def test_auto_backend_picks_eager_for_small_models(monkeypatch):
