@@ -33,7 +33,6 @@ import torch
 from .partition import (
     DEFAULT_CHUNK,
     FAST_MOD_LIMIT,
-    _as_int64,
     _hash_base,
     _keep,
     _mask_key,
@@ -55,9 +54,8 @@ _BACKWARD_CHUNK = 1 << 22
 
 
 def _cutoff(p: float) -> int:
-    """The int64 that :func:`gpart.partition._keep` compares with for dropout ``p`` (sign bit flipped):
-    ``p`` rounded to a multiple of 2**-24, an integer comparison that is exact on every device."""
-    return _as_int64((round(p * (1 << 24)) << 40) - (1 << 63))
+    """The int64 that :func:`gpart.partition._keep` compares with for dropout ``p``."""
+    return (round(p * (1 << 24)) << 40) - (1 << 63)
 
 
 @torch.compiler.assume_constant_result  # traced code (see traced) sees a constant, not .item()
@@ -82,15 +80,16 @@ def _eager_forward(w0, table, start, d, seed, p, key, chunk, keep_ids=None):
     flat = w0.reshape(-1)
     one = 0 < flat.numel() <= chunk
     out = None if one else torch.empty_like(flat)  # one chunk: its sum is the output, no copy
-    handed = []
+    handed, dropped = [], None
     for lo in range(0, flat.numel(), chunk):
         n = min(chunk, flat.numel() - lo)
         z, keep = _eager_hash_keep(start + lo, n, seed, p, key, w0.device)
         ids = _umod(z, d)
-        part = table[ids]
-        if keep is not None:
-            part = torch.where(keep, part * _keep_scale(p), 0.0)
+        if keep is not None:  # dropped entries read a 0 appended to the table: one op, not three
             ids = torch.where(keep, ids, d)
+            if dropped is None:
+                dropped = torch.cat([table * _keep_scale(p), table.new_zeros(1)])
+        part = table[ids] if keep is None else dropped[ids]
         if out is None:
             out = _add(flat, part)
         else:

@@ -100,7 +100,6 @@ def _hash_base(key: int, start: int) -> int:
     return _as_int64(key + start + _GOLDEN)
 
 
-_SIGN = -(1 << 63)
 _MASK_MULT = _as_int64(0xD1342543DE82EF95)  # an odd multiplier with good spectral figures of merit
 
 
@@ -113,17 +112,19 @@ def _mask_key(key: int) -> int:
 
 
 def _keep(z: torch.Tensor, mkey, cutoff) -> torch.Tensor:
-    """The dropout keep-mask of positions whose hashes are ``z``: ``((z ^ mkey) * m) >= cutoff``, unsigned.
+    """The dropout keep-mask of positions whose hashes are ``z``: ``(z ^ mkey) * m >= cutoff``.
 
     ``z`` is the position's SplitMix64 hash (the one its group id comes from) and ``mkey`` a
     call's key spread by :func:`_mask_key`, so ``z ^ mkey`` is uniform and independent from call
-    to call; the multiply carries every bit into the top ones, which are compared with
-    ``cutoff = (round(p * 2**24) << 40)``: an entry is dropped with probability ``p`` (to 2**-24).
-    Unsigned comparison on int64 patterns: flip the sign bit of both sides (``cutoff`` is passed
-    flipped already). Four ops per entry, none a second hash. ``mkey`` and ``cutoff`` may be 0-d
+    to call; the odd multiplier carries every bit into the top ones. As a signed int64 the product
+    is uniform over ``[-2**63, 2**63)``, so with ``cutoff = (round(p * 2**24) << 40) - 2**63`` an
+    entry is dropped with probability ``p`` rounded to 2**-24: an integer comparison, exact on
+    every device. Three ops per entry, none a second hash. ``mkey`` and ``cutoff`` may be 0-d
     int64 tensors.
     """
-    return ((z ^ mkey) * _MASK_MULT) ^ _SIGN >= cutoff
+    u = z ^ mkey  # one temporary, then in place (see _mix_)
+    u *= _MASK_MULT
+    return u >= cutoff
 
 
 #: :func:`_umod_fast` serves d below this bound (its proof needs it, and the compiled gather reads
