@@ -115,7 +115,10 @@ def measure(width: int, n: int, methods, rounds: int, steps: int, device: str) -
 
 
 def profile(width: int, n: int, method: str, device: str, steps: int = 10) -> dict:
-    """Where a gpart step's extra time goes: tensor ops (count, self time), autograd, Python."""
+    """Where a step's time goes, from torch's profiler: tensor ops (top-level calls per target,
+    self time), compiled-region calls (each one Dynamo guard check), the autograd engine, and the
+    rest (Python frames, module and hook dispatch). Shares of the profiled step: the profiler
+    slows every op down, so the absolute times are larger than the unprofiled ones."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -128,26 +131,26 @@ def profile(width: int, n: int, method: str, device: str, steps: int = 10) -> di
         for _ in range(steps):
             _step(model, x)
     wall = (time.perf_counter() - start) / steps
-    events = prof.key_averages()
-    ops = [e for e in events if e.key.startswith("aten::")]
-    top_level = [e for e in ops if e.cpu_parent is None] if hasattr(ops[0], "cpu_parent") else ops
-    aten_self = sum(e.self_cpu_time_total for e in ops) / 1e6 / steps
-    autograd = [e for e in events if e.key.startswith("autograd::engine")]
-    autograd_total = sum(e.cpu_time_total for e in autograd) / 1e6 / steps
-    top = sorted(ops, key=lambda e: -e.self_cpu_time_total)[:8]
+    events = prof.events()
+    aten = [e for e in events if e.name.startswith("aten::")]
+    top_level = [e for e in aten if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+    aten_self = sum(e.self_cpu_time_total for e in aten) / 1e6 / steps
+    engine = [e for e in events if e.name.startswith("autograd::engine") and e.cpu_parent is None]
+    compiled = [e for e in events if e.name == "TorchDynamo Cache Lookup"]  # one guard check each
+    engine_self = sum(e.cpu_time_total for e in engine) / 1e6 / steps
+    totals: dict[str, float] = {}
+    for e in aten:
+        totals[e.name] = totals.get(e.name, 0.0) + e.self_cpu_time_total / steps
     return {
         "method": method,
         "width": width,
         "targets": n,
         "step_ms_profiled": wall * 1e3,
-        "aten_calls_per_target": sum(e.count for e in top_level) / steps / n,
-        "aten_self_ms": aten_self * 1e3,
-        "autograd_engine_ms": autograd_total * 1e3,
-        "other_ms": (wall - aten_self) * 1e3,
-        "top_ops": [
-            {"op": e.key, "calls_per_step": e.count / steps, "self_us_per_step": e.self_cpu_time_total / steps}
-            for e in top
-        ],
+        "aten_calls_per_target": len(top_level) / steps / n,
+        "compiled_calls_per_target": len(compiled) / steps / n,
+        "aten_share": aten_self / wall,
+        "autograd_engine_share": engine_self / wall,
+        "top_ops_us_per_step": dict(sorted(totals.items(), key=lambda kv: -kv[1])[:8]),
     }
 
 
@@ -174,13 +177,15 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append({"width": width, "targets": n, "steps": steps, **res})
             cells = " ".join(f"{res[m]['us_per_target']:>14.1f}" for m in methods[1:])
             print(f"{width:>5} {n:>4} {cells}   full step {res['full']['step_ms']:.2f} ms")
-    profiles = [profile(*args.profile, m, args.device) for m in methods if m.startswith("gpart")]
-    print("\nprofile (width, targets =", args.profile, ")")
-    for pr in profiles:
+    profiles = [profile(*args.profile, m, args.device) for m in methods]
+    print(f"\nprofile of width {args.profile[0]}, {args.profile[1]} targets (shares of the profiled step)")
+    base = profiles[0]["aten_calls_per_target"]  # full: the layer's own ops
+    for pr in profiles[1:]:
+        pr["extra_aten_calls_per_target"] = pr["aten_calls_per_target"] - base
         print(
-            f"  {pr['method']:<13} step {pr['step_ms_profiled']:6.2f} ms: aten ops {pr['aten_self_ms']:6.2f} ms "
-            f"({pr['aten_calls_per_target']:.1f} top-level calls per target), autograd engine "
-            f"{pr['autograd_engine_ms']:6.2f} ms (incl. ops), Python and the rest {pr['other_ms']:6.2f} ms"
+            f"  {pr['method']:<13} {pr['extra_aten_calls_per_target']:+5.1f} tensor ops and "
+            f"{pr['compiled_calls_per_target']:.2f} compiled calls per target vs full; tensor ops "
+            f"{pr['aten_share']:4.0%}, autograd engine (incl. its ops) {pr['autograd_engine_share']:4.0%}"
         )
     payload = {"machine": machine(), "batch": BATCH, "d": D_THETA, "rows": rows, "profiles": profiles}
     path = write_json(args.out, payload)
