@@ -68,6 +68,16 @@ def build(config: str, dtype: torch.dtype = torch.float32):
         model = transformers.RobertaForSequenceClassification(cfg)
         batch = {"input_ids": torch.randint(3, cfg.vocab_size, (8, 128)), "labels": torch.randint(0, 2, (8,))}
         targets, d = ["query", "value"], 23040
+    elif config == "minilm":  # (c) MiniLM-sized BERT: small layers, where fixed per-target costs show
+        cfg = transformers.BertConfig(
+            hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536
+        )
+        model = transformers.BertForSequenceClassification(cfg)
+        batch = {
+            "input_ids": torch.randint(3, cfg.vocab_size, (32, 32)),
+            "labels": torch.randint(0, 2, (32,)),
+        }
+        targets, d = ["query", "value"], 23040
     elif config == "qwen2-0.5b":  # GPU only: Qwen2-0.5B-shaped, attention projections
         cfg = transformers.Qwen2Config(
             hidden_size=896,

@@ -1,6 +1,6 @@
 """Per-step time and peak memory of GPart vs the baselines, each method in its own process.
 
-    python benchmarks/bench_step.py                         # both CPU configs, fp32
+    python benchmarks/bench_step.py                         # the three CPU configs, fp32
     python benchmarks/bench_step.py --configs roberta --rounds 3 --steps 5
     python benchmarks/bench_step.py --configs qwen2-0.5b --dtype bfloat16 --device cuda   # on a GPU
 
@@ -67,7 +67,7 @@ def worker(config: str, method: str, dtype: str, device: str, warmup: int, steps
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", nargs="+", default=["llama", "roberta"])
+    p.add_argument("--configs", nargs="+", default=["llama", "roberta", "minilm"])
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

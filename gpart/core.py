@@ -26,9 +26,13 @@ __all__ = ["Summary", "apply", "cached", "disabled", "merge", "remove", "summary
 
 #: Attribute of the root model that holds the :class:`GPartState`.
 STATE_ATTR = "gpart"
-#: ``backend="auto"`` compiles the delta kernel from this many target entries on: below it, the
-#: one-off compilation costs more than the eager kernel ever would.
+#: ``backend="auto"`` compiles the delta kernels from this many target entries on, or from
+#: :data:`AUTO_COMPILE_SIZE_WARM` on when the compile cache already holds them (see
+#: :func:`gpart._delta.compile_cache_warm`). Below, a run of a few hundred steps spends more on
+#: compiling (~9 s with a cold cache, ~2.5 s with a warm one, on 2 CPU cores) than the compiled
+#: kernels save (``benchmarks/bench_auto.py``).
 AUTO_COMPILE_SIZE = 1 << 22
+AUTO_COMPILE_SIZE_WARM = 1 << 20
 _BIAS_MODES = ("none", "all")
 
 
@@ -185,7 +189,9 @@ def _check_runtime(backend: object, recompute: object) -> None:
 def _resolve_backend(backend: str, layout: Layout, device: torch.device) -> str:
     if backend != "auto":
         return backend
-    big = layout.size >= AUTO_COMPILE_SIZE
+    if layout.size < AUTO_COMPILE_SIZE_WARM:
+        return "eager"
+    big = layout.size >= AUTO_COMPILE_SIZE or _delta.compile_cache_warm(device)
     return "compiled" if big and _delta.compiled_available(device) else "eager"
 
 
@@ -324,7 +330,8 @@ def apply(
         trainable: modules left fully trainable (e.g. a classification head), never targets.
         freeze: freeze every other parameter of the model (default True).
         backend: delta kernel: ``"eager"``, ``"compiled"`` (torch.compile, one fused pass) or
-            ``"auto"`` (compiled when D >= 2**22 and compilation works here). Same bits either way.
+            ``"auto"`` (compiled when compilation works here and D >= 2**22, or D >= 2**20 with
+            a warm compile cache). Same bits either way.
         recompute: rebuild ``W0 + delta`` in backward instead of keeping it alive from forward
             (saves D values of memory per step; costs one more delta pass).
 

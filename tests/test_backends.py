@@ -266,14 +266,31 @@ def test_compiled_model_trains_like_eager(monkeypatch, packed):
     assert bool(model.gpart.packs) == packed
 
 
-def test_auto_backend_picks_eager_for_small_models(monkeypatch):
-    model = gpart.apply(nn.Sequential(nn.Linear(8, 8)), d=4, seed=0)
-    assert model.gpart.backend == "eager"
-    monkeypatch.setattr(gpart.core, "AUTO_COMPILE_SIZE", 1)
+def test_auto_backend_picks_eager_for_small_models(monkeypatch, tmp_path):
+    def auto():
+        return gpart.apply(nn.Sequential(nn.Linear(8, 8)), d=4, seed=0).gpart.backend  # D = 64
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # a cold cache
+    assert auto() == "eager"
     monkeypatch.setattr(_delta, "compiled_available", lambda device="cpu": True)
-    assert gpart.apply(nn.Sequential(nn.Linear(8, 8)), d=4, seed=0).gpart.backend == "compiled"
+    monkeypatch.setattr(gpart.core, "AUTO_COMPILE_SIZE_WARM", 64)
+    assert auto() == "eager"  # big enough for a warm cache only
+    _delta._warm_marker("cpu").touch()
+    assert _delta.compile_cache_warm() and auto() == "compiled"
+    monkeypatch.setattr(gpart.core, "AUTO_COMPILE_SIZE", 64)
+    _delta._warm_marker("cpu").unlink()
+    assert auto() == "compiled"  # big enough for a cold cache
     monkeypatch.setattr(_delta, "compiled_available", lambda device="cpu": False)
-    assert gpart.apply(nn.Sequential(nn.Linear(8, 8)), d=4, seed=0).gpart.backend == "eager"
+    assert auto() == "eager"
+
+
+@compiled
+def test_a_working_compiler_marks_the_cache_warm(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_delta, "_available", {})
+    assert not _delta.compile_cache_warm()
+    assert _delta.compiled_available()
+    assert _delta.compile_cache_warm()
 
 
 @pytest.mark.parametrize(
