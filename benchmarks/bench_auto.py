@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     rows = []
     print(
-        f"{'D':>10} {'variant':<14} {'set-up s':>9} {'1st step s':>10} {'step ms':>9} {'total s':>8} {'RSS MB':>8}"
+        f"{'D':>10} {'variant':<14} {'set-up s':>9} {'1st step s':>10} {'step ms':>9} {'total s':>8} "
+        f"{'RSS MB':>8}"
     )
     for size in args.sizes:
         cache = tempfile.mkdtemp(prefix="gpart-inductor-")
