@@ -220,13 +220,92 @@ def plot_native(res: dict, png: str) -> str:
     return "\n".join(lines)
 
 
+def plot_overhead(res: dict, png: str) -> str:
+    rows = res["rows"]
+    methods = [m for m in rows[0] if m not in ("width", "targets", "steps", "full")]
+    widths = sorted({r["width"] for r in rows})
+    fig, axes = plt.subplots(1, len(widths), figsize=(4.2 * len(widths), 3.4), squeeze=False, sharey=True)
+    for ax, width in zip(axes[0], widths, strict=True):
+        sub = [r for r in rows if r["width"] == width]
+        for m in methods:
+            ax.plot([r["targets"] for r in sub], [r[m]["us_per_target"] for r in sub], marker="o", label=m)
+        ax.set_xscale("log")
+        ax.set_title(f"Linear({width}, {width}) targets", fontsize=10)
+        ax.set_xlabel("targets")
+    axes[0][0].set_ylabel("extra us per target per step")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(DOCS / png, dpi=110)
+    plt.close(fig)
+    lines = [
+        f"Batch {res['batch']}, d = {res['d']}; extra host time per target per step (forward + backward) "
+        "over the same model fully trainable, median over rounds [min, max].",
+        "",
+        "| width | targets | full step (ms) | " + " | ".join(methods) + " |",
+        "|---|---|---|" + "---|" * len(methods),
+    ]
+    for r in rows:
+        cells = " | ".join(
+            f"{r[m]['us_per_target']:.1f} [{r[m]['us_per_target_spread'][0]:.0f}, "
+            f"{r[m]['us_per_target_spread'][1]:.0f}]"
+            for m in methods
+        )
+        lines.append(f"| {r['width']} | {r['targets']} | {r['full']['step_ms']:.2f} | {cells} |")
+    lines += [
+        "",
+        "Profile (shares of a profiled step; extra tensor ops and compiled calls per target vs full):",
+        "",
+    ]
+    lines += [
+        "| method | extra tensor ops / target | compiled calls / target | tensor ops | autograd engine |"
+    ]
+    lines += ["|---|---|---|---|---|"]
+    for p in res["profiles"][1:]:
+        lines.append(
+            f"| {p['method']} | {p['extra_aten_calls_per_target']:+.1f} | "
+            f"{p['compiled_calls_per_target']:.2f} | {p['aten_share']:.0%} | "
+            f"{p['autograd_engine_share']:.0%} |"
+        )
+    return "\n".join(lines)
+
+
+def auto_table(res: dict, png: str) -> str:
+    lines = [
+        f"Total of a {res['steps']}-step run = set-up (`apply`) + first step + the rest at the median "
+        "step; one fresh process each; peak RSS of the whole process.",
+        "",
+        "| D | kernel | set-up (s) | first step (s) | step (ms) | total (s) | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        lines.append(
+            f"| {r['D']:,} | {r['variant']} | {r['setup_s']:.2f} | {r['first_step_s']:.2f} | "
+            f"{1e3 * r['step_s']:.2f} | {r['total_s']:.1f} | {r['peak_rss_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 SECTIONS = [
     (
         "step",
         "Training step",
-        "python benchmarks/bench_step.py --rounds 5 --steps 3",
+        "python benchmarks/bench_step.py --rounds 3 --steps 3",
         plot_step,
         "bench_step.png",
+    ),
+    (
+        "overhead",
+        "Fixed cost per target (small layers)",
+        "python benchmarks/bench_overhead.py",
+        plot_overhead,
+        "bench_overhead.png",
+    ),
+    (
+        "auto",
+        "Eager or compiled: total time of a 300-step run",
+        "python benchmarks/bench_auto.py",
+        auto_table,
+        None,
     ),
     (
         "partition",

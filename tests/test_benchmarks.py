@@ -62,9 +62,13 @@ def test_all_scripts_run_and_plot(bench, tmp_path):
     assert inf["merged_matches"]
     bf16 = bench("bench_bf16", "--steps", "3", "--d", "64")
     assert set(bf16["curves"]) == {"gpart", "reference"} and bf16["survival"][-1]["changed_fraction"] > 0.9
+    over = bench("bench_overhead", "--widths", "16", "--targets", "2", "--rounds", "1", "--steps", "1")
+    assert {"full", "bare", "gpart", "gpart-drop"} <= set(over["rows"][0]) and over["profiles"]
+    auto = bench("bench_auto", "--sizes", "1e4", "--measure", "1", "--steps", "3")
+    assert {r["variant"] for r in auto["rows"]} == {"eager", "compiled-cold", "compiled-warm"}
     bench("plot")
     results = {p.stem for p in (tmp_path / "results").glob("*.json")}
-    assert results == {"step", "partition", "apply", "io", "inference", "bf16"}
+    assert results == {"step", "partition", "apply", "io", "inference", "bf16", "overhead", "auto"}
     apply_row = json.loads((tmp_path / "results" / "apply.json").read_text())["rows"][0]
     # theta and the scales (4 + 4 bytes per group), one 8-byte hash offset per target: nothing D-sized
     assert apply_row["persistent_bytes"] == 8 * apply_row["d"] + 8 * apply_row["targets"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -128,6 +129,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"done: {args.engine}, {world} process(es), loss {loss.item():.4f}")
     dist.barrier()  # leave together: a rank that exits while another is still saving can hang gloo's teardown
     dist.destroy_process_group()
+    # Everything is written and the group is gone. Exiting normally runs C++ static destructors,
+    # and one of torch's background threads is sometimes still joinable then: the process aborts
+    # ("terminate called without an active exception", exit code -6) after its work is done.
+    # os._exit skips those destructors; the files were closed and the streams are flushed here.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
