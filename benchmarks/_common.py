@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import gpart
-from gpart.partition import group_counts, group_ids, group_scales
+from gpart.partition import _MIX1, _MIX2, _as_int64, _hash_base, group_counts, group_scales
 
 # Smoke tests point this elsewhere so that they never overwrite published results.
 RESULTS = Path(os.environ.get("GPART_BENCH_RESULTS", Path(__file__).parent / "results"))
@@ -132,12 +132,27 @@ class LoRALinear(nn.Module):
         )
 
 
+def _plain_group_ids(start: int, n: int, d: int, seed: int, device) -> torch.Tensor:
+    """The partition's ids in plain tensor ops, as a straightforward implementation writes them
+    (a fresh tensor per op, the logical shift as shift-and-mask, the unsigned remainder through
+    ``remainder``): the reference-style baseline's hash, kept fixed so that gpart's own
+    optimisations of :func:`gpart.partition.group_ids` do not speed up its baseline."""
+    z = torch.arange(n, dtype=torch.int64, device=device) + _hash_base(seed, start)
+    for k, m in ((30, _MIX1), (27, _MIX2)):
+        z = z ^ ((z >> k) & ((1 << (64 - k)) - 1))
+        z = z * _as_int64(m)
+    z = z ^ ((z >> 31) & ((1 << 33) - 1))
+    r = torch.remainder(z, d)
+    fix = (1 << 64) % d
+    return torch.remainder(r + (z < 0).to(r.dtype) * fix, d) if fix else r
+
+
 class _ReferenceDelta(torch.autograd.Function):
     """The authors' per-layer function: ``x @ delta^T`` with delta regenerated (eagerly) in backward."""
 
     @staticmethod
     def _delta(theta, scale, start, shape, d, seed):
-        ids = group_ids(start, math.prod(shape), d=d, seed=seed, device=theta.device)
+        ids = _plain_group_ids(start, math.prod(shape), d, seed, theta.device)
         return (theta * scale)[ids].view(shape), ids
 
     @staticmethod

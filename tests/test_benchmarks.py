@@ -99,3 +99,14 @@ def test_native_kernels_match_gpart_bit_for_bit(bench, tmp_path):
         assert set(r["ns_per_entry"]["forward W0 + delta"]) == {"torch", "C"}
     bench("plot")
     assert "hand-written AVX-512 C" in (tmp_path / "docs" / "benchmarks.md").read_text()
+
+
+def test_the_reference_baseline_hashes_like_gpart(bench):
+    """The reference-style baseline keeps its own plain hash; it must still be the partition."""
+    import torch
+    from _common import _plain_group_ids  # the bench fixture puts benchmarks/ on sys.path
+
+    from gpart.partition import group_ids
+
+    for d, seed in [(23040, 0), (131072, -5), (7, 2**70), (1, 3)]:
+        assert torch.equal(_plain_group_ids(12345, 5000, d, seed, None), group_ids(12345, 5000, d=d, seed=seed))
