@@ -224,12 +224,13 @@ def plot_overhead(res: dict, png: str) -> str:
     rows = res["rows"]
     methods = [m for m in rows[0] if m not in ("width", "targets", "steps", "full")]
     widths = sorted({r["width"] for r in rows})
-    fig, axes = plt.subplots(1, len(widths), figsize=(4.2 * len(widths), 3.4), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(widths), figsize=(4.2 * len(widths), 3.4), squeeze=False)
     for ax, width in zip(axes[0], widths, strict=True):
         sub = [r for r in rows if r["width"] == width]
         for m in methods:
             ax.plot([r["targets"] for r in sub], [r[m]["us_per_target"] for r in sub], marker="o", label=m)
         ax.set_xscale("log")
+        ax.set_yscale("log")
         ax.set_title(f"Linear({width}, {width}) targets", fontsize=10)
         ax.set_xlabel("targets")
     axes[0][0].set_ylabel("extra us per target per step")
