@@ -307,8 +307,8 @@ class Pack:
     A small target costs more in per-call overhead (a dozen tensor ops, each a few microseconds on
     a CPU, a kernel launch on a GPU) than in per-entry work. The targets of a pack are consecutive
     in the index space, so one kernel call over their joint interval computes all their weights:
-    one hash pass instead of one per target, and one node in the autograd graph. The owner is the
-    innermost module whose forward runs every member; its forward hooks open and close a session:
+    one hash pass instead of one per target, one delta node in the autograd graph. The owner is
+    the innermost module whose forward runs every member; its forward hooks open and close a session:
     the first member accessed in a session computes the pack, each member takes its own weight
     once, and whatever is left is dropped when the session closes. Everything else (an access
     outside a session, a second access in one, a sharded or mixed-dtype W0) takes the

@@ -90,8 +90,12 @@ def _mix_(z: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
 
 def _splitmix64(key: int, start: int, count: int, device: torch.device | str | None) -> torch.Tensor:
     """SplitMix64 output of ``key + start + k`` for ``k`` in ``[0, count)``, as int64 bit patterns."""
-    z = torch.arange(count, dtype=torch.int64, device=device)
-    z += _hash_base(key, start)  # wraps modulo 2**64, like uint64
+    base = _hash_base(key, start)
+    if base + count < 1 << 63:  # one op instead of two (almost always: base is a 64-bit hash offset)
+        z = torch.arange(base, base + count, dtype=torch.int64, device=device)
+    else:
+        z = torch.arange(count, dtype=torch.int64, device=device)
+        z += base  # wraps modulo 2**64, like uint64
     return _mix_(z, torch.empty_like(z))
 
 

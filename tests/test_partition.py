@@ -98,3 +98,11 @@ def test_scales_are_the_same_bits_on_every_device(device):
     expected = group_scales(counts)
     assert torch.equal(group_scales(counts.to(device)).cpu(), expected)
     assert torch.equal(expected[1:5], torch.tensor([1.0, 2**-0.5, 3**-0.5, 0.5]))
+
+
+@pytest.mark.parametrize("before_wrap", [0, 1, 5, 9, 10, 11])
+def test_ids_across_the_signed_wrap_of_the_hash_input(before_wrap):
+    """seed + i + golden crosses 2**63 (int64 wraps) inside the range, at its end, or just after."""
+    seed = (1 << 63) - before_wrap - 0x9E3779B97F4A7C15
+    got = group_ids(0, 10, d=97, seed=seed).tolist()
+    assert got == [ref_group_id(seed, i, 97) for i in range(10)]
