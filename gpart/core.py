@@ -233,10 +233,9 @@ def _install(
                 module.register_forward_hook(state.recipes.exit, always_call=True)
         for owner_name, members in packs(model, layout):
             targets = [layout.targets[i] for i in members]
-            plists = [model.get_submodule(t.module_name).parametrizations[t.param_name] for t in targets]
-            pack = Pack(state, [plist[0] for plist in plists], plists)
-            for index, plist in enumerate(plists):
-                plist[0].pack, plist[0].index = pack, index
+            pack = Pack(
+                state, [model.get_submodule(t.module_name).parametrizations[t.param_name] for t in targets]
+            )
             owner = model.get_submodule(owner_name)
             owner.register_forward_pre_hook(pack.open)
             owner.register_forward_hook(pack.close, always_call=True)

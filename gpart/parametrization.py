@@ -225,6 +225,26 @@ class GPartState(nn.Module):
         self.saved_order: dict[str, list[str]] = {}
         self.packs: list[tuple[nn.Module, Pack]] = []  # (owner module, pack), see gpart.targets.packs
 
+    def recipe(self, w0s, *, start: int, dropout: float, key: int) -> _Recipe:
+        """The recipe of ``W0 + delta`` over the W0s ``w0s`` (one target's, or a pack's) from ``start``."""
+        device = w0s[0].device
+        return _Recipe(
+            tuple(w.detach() for w in w0s),
+            self.theta.to(device),
+            self.scale.to(device),
+            start=start,
+            seed=self.config.seed,
+            dropout=dropout,
+            key=key if dropout > 0.0 else 0,
+            backend=self.backend,
+            handoff=self.recipes.handoff if self.recipes is not None else None,
+        )
+
+    def keep_recipe(self, out: torch.Tensor, recipe: _Recipe) -> None:
+        """Let backward rebuild ``out`` from ``recipe`` if a target module's forward saves it."""
+        if self.recipes is not None and self.recipes.active and out.requires_grad:
+            self.recipes.register(out, recipe)
+
     def forward(self, x):
         """Identity: a container root (``nn.Sequential``) calls its children in turn, this one too."""
         return x
@@ -331,10 +351,14 @@ class Pack:
     #: within one step, so this bounds memory without ever mattering.
     MAX_TOKENS = 1 << 16
 
-    def __init__(self, state: GPartState, members: list[GPartParametrization], plists: list[nn.Module]):
-        self.state, self.members, self.plists = state, members, plists
-        self.start = members[0].start
-        self.sizes = [m.numel for m in members]
+    def __init__(self, state: GPartState, plists: list[nn.Module]):
+        """``plists``: the members' ``ParametrizationList``s (gpart's parametrization first), in order."""
+        self.state, self.plists = state, plists
+        self.members: list[GPartParametrization] = [plist[0] for plist in plists]
+        for index, member in enumerate(self.members):
+            member.pack, member.index = self, index
+        self.start = self.members[0].start
+        self.sizes = [m.numel for m in self.members]
         self.depth = 0
         self.filled = False
         self.key: int | None = None  # the open session's dropout key, once drawn
@@ -400,17 +424,7 @@ class Pack:
             return  # dropout on some members only (biases are never dropped): per target
         if dropout > 0.0 and self.key is None:
             return  # no key drawn in this session (cannot happen through forward): per target
-        recipe = _Recipe(
-            tuple(w.detach() for w in w0s),
-            state.theta.to(first.device),
-            state.scale.to(first.device),
-            start=self.start,
-            seed=state.config.seed,
-            dropout=dropout,
-            key=self.key if dropout > 0.0 else 0,
-            backend=state.backend,
-            handoff=state.recipes.handoff if state.recipes is not None else None,
-        )
+        recipe = state.recipe(w0s, start=self.start, dropout=dropout, key=self.key)
         parts = recipe.compute().split(self.sizes)
         grad = torch.is_grad_enabled()
         self.stash = {
@@ -483,8 +497,7 @@ class GPartParametrization(nn.Module):
             hit = self.pack.take(self.index, w0, p)
             if hit is not None:
                 out, recipe = hit
-                if state.recipes is not None and state.recipes.active and out.requires_grad:
-                    state.recipes.register(out, recipe)
+                state.keep_recipe(out, recipe)
                 return out
         return self.effective(w0, dropout=p, key=key)
 
@@ -503,20 +516,11 @@ class GPartParametrization(nn.Module):
                 dropout=dropout,
                 dropout_key=key,
             )
-        recipe = _Recipe(
-            (w0.detach(),),
-            state.theta.to(w0.device),
-            state.scale.to(w0.device),
-            start=self.start,
-            seed=state.config.seed,
-            dropout=dropout,
-            key=(_draw_key() if key is None else key) if dropout > 0.0 else 0,
-            backend=state.backend,
-            handoff=state.recipes.handoff if state.recipes is not None else None,
-        )
+        if dropout > 0.0 and key is None:
+            key = _draw_key()
+        recipe = state.recipe((w0,), start=self.start, dropout=dropout, key=key)
         out = recipe.compute()
-        if state.recipes is not None and state.recipes.active and out.requires_grad:
-            state.recipes.register(out, recipe)
+        state.keep_recipe(out, recipe)
         return out
 
     def extra_repr(self) -> str:
