@@ -120,9 +120,7 @@ def _eager_forward(w0, table, start, d, seed, p, key, chunk, keep_ids=None):
     return out.view(w0.shape)
 
 
-def _eager_segment_sum(grad, start, d, seed, p, key, chunk, dtype, ids=None):
-    if ids is not None:
-        return _segment_sum_of_ids(grad, ids, d, p, dtype)
+def _eager_segment_sum(grad, start, d, seed, p, key, chunk, dtype):
     flat = grad.reshape(-1)
 
     def pieces(lo, hi):
@@ -191,9 +189,9 @@ def _scatter_sum(pieces, length: int, dtype: torch.dtype, device: torch.device) 
 
 
 def _segment_sum_of_ids(grad, ids, d, p, dtype):
-    """The segment sum with the group ids handed over by the recompute of this very weight (dropped
-    entries carry id ``d``): no second hash pass. The same bits as regenerating the ids: a dropped
-    entry adds +0.0 there, which never changes a sum that starts at +0.0."""
+    """The segment sum with the group ids handed over by a recompute (dropped entries carry id
+    ``d``), for either kernel. The same bits as regenerating the ids: a dropped entry adds +0.0
+    there, which never changes a sum that starts at +0.0."""
     values = grad.reshape(-1).to(dtype)
     if p > 0.0:
         values = values * _keep_scale(p)
@@ -346,9 +344,7 @@ def _compiled_forward(w0, table, start, d, seed, p, key, chunk, keep_ids=None):
     return out.view(w0.shape)
 
 
-def _compiled_segment_sum(grad, start, d, seed, p, key, chunk, dtype, ids=None):
-    if ids is not None:
-        return _segment_sum_of_ids(grad, ids, d, p, dtype)
+def _compiled_segment_sum(grad, start, d, seed, p, key, chunk, dtype):
     flat = grad.reshape(-1)
     if d >= FAST_MOD_LIMIT:
         return _eager_segment_sum(grad, start, d, seed, p, key, chunk, dtype)
@@ -504,7 +500,10 @@ class _Effective(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             _, segment_sum = _KERNELS[ctx.backend]
             ids = ctx.handoff.take(start, key) if ctx.handoff is not None else None
-            grad_theta = segment_sum(grad, start, d, seed, p, key, chunk, dtype, ids) * scale
+            if ids is None:
+                grad_theta = segment_sum(grad, start, d, seed, p, key, chunk, dtype) * scale
+            else:  # handed over by the recompute of this very weight: no second hash pass
+                grad_theta = _segment_sum_of_ids(grad, ids, d, p, dtype) * scale
         return grad_theta, None, None, None, None, None, None, None, None, None
 
 
