@@ -117,9 +117,8 @@ def _describe_gpart(path: Path) -> dict:
     from .serialization import _check_theta, _parse, read
 
     tensors, metadata = read(path)
-    config, entries = _parse(path, metadata)
+    config, entries, size = _parse(path, metadata)
     theta = _check_theta(path, tensors, config.d)
-    size = int(metadata["D"])
     return {
         "file": str(path),
         "bytes": path.stat().st_size,

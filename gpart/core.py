@@ -7,7 +7,6 @@ leaves the model exactly as it was.
 from __future__ import annotations
 
 import contextlib
-import math
 import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -48,7 +47,15 @@ def _names(value: object, what: str) -> tuple[str, ...]:
     items = (value,) if isinstance(value, str) else value
     if not isinstance(items, Sequence) or not all(isinstance(v, str) for v in items):
         raise ConfigError(f"{what} must be a list of module/parameter names, got {value!r}.")
+    if "" in items:  # "" is the root module's name: it would match the whole model
+        raise ConfigError(
+            f"{what}={list(items)!r} holds an empty name, which matches the root module (the whole "
+            "model). Name the submodules instead, e.g. ['classifier']."
+        )
     return tuple(items)
+
+
+_F32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def _make_config(
@@ -78,15 +85,17 @@ def _make_config(
             f"bias={bias!r}: unknown bias mode; use 'none' (weights only) or 'all' (each target "
             "module's bias joins the index space after its weight)."
         )
-    if not _is_real(dropout) or not 0.0 <= float(dropout) < 1.0:
+    # The mask compares against p rounded to 2**-24 (see gpart.partition._keep): p must round
+    # below 1 there too, or nothing would be kept.
+    if not _is_real(dropout) or not 0.0 <= float(dropout) < 1.0 or round(float(dropout) * 2**24) >= 2**24:
         raise ConfigError(
-            f"dropout={dropout!r}: the delta dropout probability must be a number in [0, 1). "
-            "Use 0.0 to disable it."
+            f"dropout={dropout!r}: the delta dropout probability must be a number in [0, 1) "
+            "(at most 1 - 2**-24). Use 0.0 to disable it."
         )
-    if not _is_real(init_bound) or not (0.0 <= float(init_bound) < math.inf):
+    if not _is_real(init_bound) or not (0.0 <= float(init_bound) <= _F32_MAX):
         raise ConfigError(
-            f"init_bound={init_bound!r}: theta starts uniform in [-b, b], so b must be a finite "
-            "number >= 0 (0 = start exactly at the pretrained weights)."
+            f"init_bound={init_bound!r}: theta (float32) starts uniform in [-b, b], so b must be a "
+            "number >= 0 that float32 can hold (0 = start exactly at the pretrained weights)."
         )
     return GPartConfig(
         d=int(d),
@@ -124,8 +133,13 @@ def _plan(
     target_parameters: Sequence[str],
     exact: Sequence[str] | None = None,
     backend: str = "auto",
-) -> tuple[Layout, torch.Tensor, str]:
-    """All checks and all computation of ``apply``, without touching the model."""
+    scales: bool = True,
+) -> tuple[Layout, torch.Tensor | None, str]:
+    """All checks and all computation of ``apply``, without touching the model.
+
+    ``scales=False`` stops at the layout (no pass over the index space: format conversion needs
+    the layout alone, and hashing a 7B model's D entries takes minutes on a CPU).
+    """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"expected a torch.nn.Module, got {type(model).__name__}.")
     if _find_state(model) is not None:
@@ -169,6 +183,8 @@ def _plan(
             f"d={config.d} exceeds D={layout.size}, the number of target entries; every group "
             f"needs at least one entry. Use d <= {layout.size} or select more targets."
         )
+    if not scales:
+        return layout, None, backend
     first = model.get_parameter(layout.targets[0].name)
     device = torch.device("cpu") if first.device.type == "meta" else first.device
     backend = _resolve_backend(backend, layout, device)
@@ -199,6 +215,60 @@ def _target_modules(model: nn.Module, layout: Layout) -> list[nn.Module]:
     return list({id(m): m for m in (model.get_submodule(t.module_name) for t in layout.targets)}.values())
 
 
+class _Transaction:
+    """What gpart's verbs change on a model, recorded so that a failure midway can put it back.
+
+    The verbs change module classes, the parameter, child and hook dicts of modules, attributes
+    and ``requires_grad`` flags: all recorded here and restored in place (the same dict objects,
+    so hook handles stay valid). Tensor values are not recorded: a verb computes every new value
+    before its first change and copies values in only after its last step that can fail.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.flags = [(p, p.requires_grad) for p in model.parameters()]
+        self.modules = [
+            (
+                m,
+                type(m),
+                dict(vars(m)),
+                *(
+                    (d, dict(d))
+                    for d in (
+                        m._parameters,
+                        m._modules,
+                        m._forward_pre_hooks,
+                        m._forward_hooks,
+                        m._forward_hooks_always_called,
+                    )
+                ),
+            )
+            for m in {id(m): m for m in model.modules()}.values()
+        ]
+
+    def restore(self) -> None:
+        for module, cls, attrs, *dicts in self.modules:
+            module.__class__ = cls
+            for live, saved in dicts:
+                live.clear()
+                live.update(saved)
+            for key in [k for k in vars(module) if k not in attrs]:
+                delattr(module, key)
+            vars(module).update(attrs)
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def _atomic(model: nn.Module) -> Iterator[None]:
+    """Run a change to ``model``; on any exception (out-of-memory included) undo it and re-raise."""
+    transaction = _Transaction(model)
+    try:
+        yield
+    except BaseException:
+        transaction.restore()
+        raise
+
+
 def _install(
     model: nn.Module,
     config: GPartConfig,
@@ -209,7 +279,7 @@ def _install(
     backend: str = "eager",
     recompute: bool = True,
 ) -> nn.Module:
-    """Mutate the model; on any failure, undo what was done and re-raise."""
+    """Mutate the model (atomically: on any failure it is restored and the error re-raised)."""
     state = GPartState(config, layout, scale, backend=backend, recompute=recompute)
     state.saved_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     # parametrize re-registers a restored tensor last; remember the order so remove can undo that.
@@ -217,15 +287,22 @@ def _install(
         t.module_name: list(model.get_submodule(t.module_name)._parameters) for t in layout.targets
     }
     trainable = [m for n, m in model.named_modules() if _name_matches(n, config.trainable)]
-    done: list[tuple[nn.Module, str]] = []
-    try:
+    # torch would add gpart's properties to the class another parametrization made (shared by
+    # copies of the model); a private class keeps that one untouched, and remove puts it back.
+    state.saved_class = {
+        name: type(model.get_submodule(name))
+        for name in state.saved_order
+        if parametrize.is_parametrized(model.get_submodule(name))
+    }
+    with _atomic(model):
+        for name in state.saved_class:
+            _own_class(model.get_submodule(name))
         for target in layout.targets:
             module = model.get_submodule(target.module_name)
             getattr(module, target.param_name).requires_grad_(False)
             parametrize.register_parametrization(
                 module, target.param_name, GPartParametrization(state, target), unsafe=True
             )
-            done.append((module, target.param_name))
         setattr(model, STATE_ATTR, state)
         if state.recipes is not None:
             for module in _target_modules(model, layout):
@@ -246,9 +323,6 @@ def _install(
                     p.requires_grad_(False)
         for module in trainable:
             module.requires_grad_(True)
-    except BaseException:
-        _uninstall(model, state, done)
-        raise
     return model
 
 
@@ -273,16 +347,18 @@ def _own_class(module: nn.Module) -> None:
 
 
 def _uninstall(model: nn.Module, state: GPartState, done: list[tuple[nn.Module, str]]) -> None:
+    """Undo :func:`_install` for the given (module, tensor name) pairs; the caller makes it atomic."""
     if state.recipes is not None:
         for module, _ in done:
             _remove_hooks(module, state.recipes)
     for owner, pack in state.packs:
         _remove_hooks(owner, pack)
-    state.packs.clear()
     for module in {id(m): m for m, _ in done}.values():
         _own_class(module)
     for module, pname in reversed(done):
         parametrize.remove_parametrizations(module, pname, leave_parametrized=False)
+    for name, cls in state.saved_class.items():
+        model.get_submodule(name).__class__ = cls
     for name, order in state.saved_order.items():
         params = model.get_submodule(name)._parameters
         params.update({k: params.pop(k) for k in order if k in params})
@@ -291,6 +367,7 @@ def _uninstall(model: nn.Module, state: GPartState, done: list[tuple[nn.Module, 
     for name, p in model.named_parameters():
         if name in state.saved_requires_grad:
             p.requires_grad_(state.saved_requires_grad[name])
+    state.packs.clear()
 
 
 def apply(
@@ -392,7 +469,9 @@ def merge(model: nn.Module) -> nn.Module:
 
     The target Parameters keep their identity (now holding ``W0 + delta``); ``theta`` and the
     parametrizations are gone; every parameter's ``requires_grad`` is as before ``apply``.
-    Dropout is never applied when merging.
+    Dropout is never applied when merging. Every merged weight is computed before the model
+    changes, so a failure (out of memory included) leaves the model as it was; the price is
+    memory for one more copy of the target weights while ``merge`` runs.
 
     >>> import torch, gpart
     >>> model = gpart.apply(torch.nn.Sequential(torch.nn.Linear(4, 4)), d=3, seed=0, init_bound=0.1)
@@ -410,11 +489,13 @@ def merge(model: nn.Module) -> nn.Module:
             "(gpart.save gathers theta), then merge it into an unsharded copy of the base model "
             "(gpart.load + gpart.merge), or merge before sharding."
         )
-    with torch.no_grad():
-        for module, pname, param in entries:
-            original = module.parametrizations[pname].original
-            original.copy_(param.effective(original, dropout=0.0))
-    _uninstall(model, state, [(m, n) for m, n, _ in entries])
+    with torch.no_grad():  # every value first (what can run out of memory), the model unchanged
+        originals = [module.parametrizations[pname].original for module, pname, _ in entries]
+        merged = [p.effective(w0, dropout=0.0) for w0, (_, _, p) in zip(originals, entries, strict=True)]
+        with _atomic(model):
+            _uninstall(model, state, [(m, n) for m, n, _ in entries])
+        for original, value in zip(originals, merged, strict=True):  # no allocation: same shape, dtype
+            original.copy_(value)
     return model
 
 
@@ -429,7 +510,8 @@ def remove(model: nn.Module) -> nn.Module:
     """
     state = _state(model)
     entries = _parametrized(model, state)
-    _uninstall(model, state, [(m, n) for m, n, _ in entries])
+    with _atomic(model):
+        _uninstall(model, state, [(m, n) for m, n, _ in entries])
     return model
 
 

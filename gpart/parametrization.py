@@ -223,6 +223,9 @@ class GPartState(nn.Module):
         # requires_grad of every parameter before apply, so remove/merge can restore it exactly.
         self.saved_requires_grad: dict[str, bool] = {}
         self.saved_order: dict[str, list[str]] = {}
+        # Classes of target modules that carried another parametrization before apply (torch
+        # restores a plain module's class itself; these get their very class object back).
+        self.saved_class: dict[str, type] = {}
         self.packs: list[tuple[nn.Module, Pack]] = []  # (owner module, pack), see gpart.targets.packs
 
     def recipe(self, w0s, *, start: int, dropout: float, key: int) -> _Recipe:

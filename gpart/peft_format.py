@@ -24,13 +24,29 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from .core import _find_state, _make_config, _plan, _state, apply
+from .core import _check_runtime, _find_state, _install, _plan, _state
 from .errors import FormatError, LayoutError, StateError
 from .parametrization import GPartConfig
-from .serialization import _EXTRA, _check_theta, _fit_params, _parse, _write, read
+from .serialization import (
+    _EXTRA,
+    _as_path,
+    _atomic_save,
+    _atomic_write,
+    _check_finite,
+    _check_theta,
+    _commit,
+    _fit_params,
+    _loads,
+    _parse,
+    _read_safetensors,
+    _settings,
+    _shown,
+    _staged,
+    _write,
+    read,
+)
 from .targets import _linear_types, _name_matches
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "load_peft", "read_peft", "save_peft"]
@@ -64,7 +80,7 @@ def read_peft(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tenso
     ...
     gpart.errors.FormatError: 'no/such/dir' has no adapter_config.json; ...
     """
-    directory = Path(directory)
+    directory = _as_path(directory, "read_peft")
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     if not config_path.is_file():
         raise FormatError(
@@ -72,63 +88,63 @@ def read_peft(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tenso
             f"(it holds {CONFIG_FILE} and {WEIGHTS_FILE})."
         )
     try:
-        raw = json.loads(config_path.read_text())
-    except (OSError, ValueError) as err:
-        raise FormatError(f"{str(config_path)!r} is not readable JSON ({err}).") from None
-    kwargs = _kwargs_from_config(config_path, raw)
+        text = config_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise FormatError(f"{str(config_path)!r} is not a readable UTF-8 text file ({err}).") from None
+    kwargs = _kwargs_from_config(config_path, _loads(text, repr(str(config_path))))
     if not weights_path.is_file():
         raise FormatError(f"{str(directory)!r} has {CONFIG_FILE} but no {WEIGHTS_FILE}; copy both files.")
-    try:
-        with safe_open(str(weights_path), framework="pt") as f:
-            stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
-    except Exception as err:  # safetensors raises its own error types, or OSError
-        raise FormatError(f"{str(weights_path)!r} is not a readable safetensors file ({err}).") from None
+    stored, _ = _read_safetensors(weights_path, "the reference writes it with save_pretrained")
     return kwargs, _tensors(weights_path, stored, kwargs["d"])
 
 
 def _kwargs_from_config(path: Path, raw: object) -> dict:
+    where = repr(str(path))
     if not isinstance(raw, dict):
-        raise FormatError(f"{str(path)!r} holds {type(raw).__name__}, expected a JSON object.")
+        raise FormatError(f"{where} holds {type(raw).__name__}, expected a JSON object.")
     for key, allowed in _REQUIRED.items():
         if raw.get(key) not in allowed:
             supported = [a for a in allowed if a is not None]
             raise FormatError(
-                f"{str(path)!r}: {key}={raw.get(key)!r} is not supported; gpart implements "
+                f"{where}: {key}={_shown(raw.get(key))} is not supported; gpart implements "
                 f"{key} in {supported} (the reference's defaults). Retrain with those settings."
             )
     for key in ("layers_to_transform", "layers_pattern"):
         if raw.get(key) not in (None, [], ""):
             raise FormatError(
-                f"{str(path)!r}: {key}={raw[key]!r} is not supported; gpart selects target modules "
+                f"{where}: {key}={_shown(raw[key])} is not supported; gpart selects target modules "
                 "by target_modules alone. Retrain without it, or name the modules in target_modules."
             )
     targets = raw.get("target_modules")
-    if not (isinstance(targets, str) or (isinstance(targets, list) and targets)):
+    if not (
+        (isinstance(targets, str) and targets)
+        or (isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets))
+    ):
         raise FormatError(
-            f"{str(path)!r}: target_modules={targets!r}; gpart needs the explicit list (or regex) "
-            "the adapter was trained with, not a model-type default."
+            f"{where}: target_modules={_shown(targets)}; gpart needs the explicit list of module "
+            "names (or one regex) the adapter was trained with, not a model-type default."
         )
-    try:
-        return {
-            "d": _int(raw["d"]),
-            "seed": _int(raw["proj_seed"]),
-            "targets": targets if isinstance(targets, str) else [str(t) for t in targets],
-            "bias": str(raw.get("bias", "none")),
-            "isometric": bool(raw.get("isometric", True)),
-            "dropout": float(raw.get("gpart_dropout", 0.0)),
-            "init_bound": float(raw.get("init_bound", 0.0)),
-            "trainable": [str(m) for m in raw.get("modules_to_save") or []],
-        }
-    except (KeyError, TypeError, ValueError) as err:
+    saved = raw.get("modules_to_save")
+    if saved is not None and not (isinstance(saved, list) and all(isinstance(m, str) for m in saved)):
         raise FormatError(
-            f"{str(path)!r}: missing or malformed setting ({type(err).__name__}: {err})."
-        ) from None
-
-
-def _int(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"expected an integer, got {value!r}")
-    return value
+            f"{where}: modules_to_save={_shown(saved)} must be a list of module names or null."
+        )
+    for key in ("d", "proj_seed"):
+        if key not in raw:
+            raise FormatError(
+                f"{where}: the setting {key!r} is missing; the file is not a complete adapter config."
+            )
+    config = _settings(
+        where,
+        d=raw["d"],
+        seed=raw["proj_seed"],
+        bias=raw.get("bias", "none"),
+        isometric=raw.get("isometric", True),
+        dropout=raw.get("gpart_dropout", 0.0),
+        init_bound=raw.get("init_bound", 0.0),
+        trainable=saved or [],
+    )
+    return {**config.to_dict(), "targets": targets}
 
 
 def _tensors(path: Path, stored: dict[str, torch.Tensor], d: int) -> dict[str, torch.Tensor]:
@@ -142,12 +158,13 @@ def _tensors(path: Path, stored: dict[str, torch.Tensor], d: int) -> dict[str, t
         )
     out = {"theta": theta.float()}
     for key, value in stored.items():
-        if not key.startswith(_PREFIX):
+        if not key.startswith(_PREFIX) or len(key) == len(_PREFIX):
             raise FormatError(
                 f"{str(path)!r}: unexpected tensor {key!r}; a GPart adapter holds {_THETA_KEY!r} and "
                 f"'{_PREFIX}*' parameters of the saved modules only."
             )
         out[key[len(_PREFIX) :].replace(_WRAPPED, ".")] = value
+    _check_finite(path, out)
     return out
 
 
@@ -157,9 +174,10 @@ def load_peft(
     """Apply gpart to ``model`` with a reference adapter's settings and load its theta and head.
 
     ``model`` is the plain base model (e.g. the ``transformers`` model the adapter was trained on);
-    ``backend`` and ``recompute`` are as in :func:`gpart.apply`. On any error the model is left
-    unchanged. Afterwards the model is an ordinary gpart model: :func:`gpart.merge`,
-    :func:`gpart.save`, training.
+    ``backend`` and ``recompute`` are as in :func:`gpart.apply`. Besides theta, the folder may
+    only write parameters of its ``modules_to_save``. On any error the model is left unchanged.
+    Afterwards the model is an ordinary gpart model: :func:`gpart.merge`, :func:`gpart.save`,
+    training.
 
     >>> import tempfile, torch, gpart
     >>> def base_model():
@@ -171,48 +189,66 @@ def load_peft(
     >>> torch.equal(fresh(torch.ones(1, 4)), model(torch.ones(1, 4)))
     True
     """
+    _check_runtime(backend, recompute)
     if _find_state(model) is not None:
         raise StateError(
             f"{type(model).__name__} already has a gpart adapter; load_peft applies one. Pass the "
             "plain base model (or gpart.remove(model) first)."
         )
     kwargs, tensors = read_peft(directory)
-    kwargs, extras = _fit(model, directory, kwargs, tensors)
-    apply(model, **kwargs, backend=backend, recompute=recompute)  # checks all, changes nothing on error
-    with torch.no_grad():
-        _state(model).theta.copy_(tensors["theta"])
-        for name, value in extras.items():
-            model.get_parameter(name).copy_(value)
+    config, (layout, scale, backend), extras = _fit(model, directory, kwargs, tensors, backend=backend)
+    theta, staged = _staged(tensors["theta"], extras, scale.device)
+
+    def install() -> None:
+        _install(model, config, layout, scale, freeze=True, backend=backend, recompute=recompute)
+
+    _commit(model, install, theta, staged)
     return model
 
 
-def _fit(model: nn.Module, directory, kwargs: dict, tensors: dict) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The apply keywords for ``model`` and the saved parameters, checked against it."""
+def _fit(model: nn.Module, directory, kwargs: dict, tensors: dict, *, backend: str | None):
+    """The settings, plan and saved parameters of a folder, checked against ``model``.
+
+    Returns ``(config, (layout, scale, backend), {name: (parameter, value)})``; with
+    ``backend=None`` the plan stops at the layout (no scales, nothing hashed).
+    """
     modules = [n for n, _ in model.named_modules()]
     # PEFT ignores modules_to_save entries that match nothing (e.g. "score" on an encoder).
-    trainable = [m for m in kwargs["trainable"] if any(_name_matches(n, (m,)) for n in modules)]
+    trainable = [m for m in kwargs["trainable"] if any(_name_matches(n, (m,)) for n in modules if n)]
+    settings = {k: v for k, v in kwargs.items() if k != "targets"}
+    config = GPartConfig(**{**settings, "trainable": tuple(trainable)})
+    plan = _plan(
+        model,
+        config,
+        targets=kwargs["targets"],
+        target_parameters=(),
+        backend=backend or "eager",
+        scales=backend is not None,
+    )
     extras = {k: v for k, v in tensors.items() if k != "theta"}
-    _, problems = _fit_params(model, extras)
+    params, problems = _fit_params(
+        model, extras, declared=[config.trainable], targets=[t.name for t in plan[0].targets]
+    )
     if problems:
         raise LayoutError(
             f"{str(directory)!r} does not fit the model: " + "; ".join(problems) + ". Load it into "
             "the architecture it was trained on (same head size, e.g. num_labels)."
         )
-    return {**kwargs, "trainable": trainable}, extras
+    return config, plan, {n: (params[n], extras[n]) for n in params}
 
 
 def _to_gpart_file(directory: str | os.PathLike, model: nn.Module, path: str | os.PathLike) -> Path:
     """Convert a reference adapter directory into a gpart file, for the architecture of ``model``.
 
     ``model`` only supplies the layout (names and shapes): it is not modified, and a model on
-    the ``meta`` device (no memory, no weights) is enough.
+    the ``meta`` device (no memory, no weights) is enough. Nothing is hashed: a 7B model's layout
+    takes well under a second.
     """
+    path = _as_path(path, "convert")
     kwargs, tensors = read_peft(directory)
-    kwargs, extras = _fit(model, directory, kwargs, tensors)
-    targets = kwargs.pop("targets")
-    config = _make_config(**kwargs)
-    layout, _, _ = _plan(model, config, targets=targets, target_parameters=(), backend="eager")
-    return _write(Path(path), config, layout.entries(), layout.size, tensors["theta"], extras)
+    config, (layout, _, _), extras = _fit(model, directory, kwargs, tensors, backend=None)
+    values = {n: v for n, (_, v) in extras.items()}
+    return _write(path, config, layout.entries(), layout.size, tensors["theta"], values)
 
 
 def _from_gpart_file(path: str | os.PathLike, directory: str | os.PathLike) -> Path:
@@ -223,9 +259,9 @@ def _from_gpart_file(path: str | os.PathLike, directory: str | os.PathLike) -> P
     ``nn.Linear``/``Conv1D``; that the modules are of those types is the caller's responsibility
     (:func:`save_peft` checks it on a live model).
     """
-    path = Path(path)
+    path = _as_path(path, "convert")
     tensors, metadata = read(path)
-    config, entries = _parse(path, metadata)
+    config, entries, _ = _parse(path, metadata)
     theta = _check_theta(path, tensors, config.d)
     dims = {name: len(shape) for name, shape in entries}
     bad = [
@@ -243,7 +279,7 @@ def _from_gpart_file(path: str | os.PathLike, directory: str | os.PathLike) -> P
         )
     extras = {k[len(_EXTRA) :]: v for k, v in tensors.items() if k.startswith(_EXTRA)}
     modules = [n.rpartition(".")[0] for n, _ in entries]
-    return _write_peft(Path(directory), config, modules, theta, extras)
+    return _write_peft(_as_path(directory, "convert"), config, modules, theta, extras)
 
 
 def save_peft(model: nn.Module, directory: str | os.PathLike, *, task_type: str | None = None) -> Path:
@@ -260,6 +296,7 @@ def save_peft(model: nn.Module, directory: str | os.PathLike, *, task_type: str 
     ...     sorted(p.name for p in gpart.save_peft(model, tmp).iterdir())
     ['adapter_config.json', 'adapter_model.safetensors']
     """
+    directory = _as_path(directory, "save_peft")
     state = _state(model)
     linear = _linear_types()
     bad = [
@@ -277,7 +314,7 @@ def save_peft(model: nn.Module, directory: str | os.PathLike, *, task_type: str 
     conv1d = any(type(model.get_submodule(t.module_name)).__name__ == "Conv1D" for t in state.layout.targets)
     extras = {n: p for n, p in model.named_parameters() if p.requires_grad and p is not state.theta}
     return _write_peft(
-        Path(directory),
+        directory,
         state.config,
         [t.module_name for t in state.layout.targets],
         state.theta,
@@ -299,10 +336,18 @@ def _write_peft(
     task_type: str | None = None,
     base: str = "",
 ) -> Path:
-    from safetensors.torch import save_file
-
-    if not directory.is_dir():
-        directory.mkdir(parents=True)
+    if directory.exists() and not directory.is_dir():
+        raise FormatError(
+            f"cannot write a reference adapter folder at {str(directory)!r}: a file of that name "
+            "exists. Pass a new or existing folder."
+        )
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise FormatError(
+            f"cannot create {str(directory)!r} ({type(err).__name__}: {err.strerror or err}); choose a "
+            "folder you can write to."
+        ) from None
     saved_modules = list(dict.fromkeys(n.rpartition(".")[0] for n in extras))
     settings = {
         "assignment_backend": "stateless",
@@ -329,6 +374,7 @@ def _write_peft(
     }
     tensors = {_THETA_KEY: theta.detach().to("cpu", torch.float32, copy=True).contiguous()}
     tensors.update({_PREFIX + n: t.detach().to("cpu", copy=True).contiguous() for n, t in extras.items()})
-    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
-    (directory / CONFIG_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    _atomic_save(tensors, {"format": "pt"}, directory / WEIGHTS_FILE)
+    text = json.dumps(settings, indent=2, sort_keys=True) + "\n"
+    _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return directory

@@ -17,8 +17,11 @@ A theta-only file is ``4 * d`` bytes plus the header. No pickle is involved anyw
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import tempfile
+from collections.abc import Iterable
 from itertools import zip_longest
 from pathlib import Path
 
@@ -28,10 +31,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ._version import __version__
-from .core import _check_runtime, _find_state, _install, _plan, _state
-from .errors import FormatError, GPartError, LayoutError
+from .core import STATE_ATTR, _atomic, _check_runtime, _find_state, _install, _make_config, _plan, _state
+from .errors import ConfigError, FormatError, GPartError, LayoutError, StateError
 from .parametrization import GPartConfig
 from .partition import ALGORITHM
+from .targets import _name_matches
 
 __all__ = ["FORMAT_VERSION", "load", "read", "save"]
 
@@ -59,15 +63,52 @@ def save(model: nn.Module, path: str | os.PathLike, *, trainable: bool = True) -
     ...     sorted(gpart.read(path)[0])
     ['theta']
     """
+    path = _as_path(path, "save")
     state = _state(model)
-    extras = {}
+    extras, config = {}, state.config
     if trainable:
         extras = {n: p for n, p in model.named_parameters() if p.requires_grad and p is not state.theta}
+        config = _declaring(model, config, extras)
     theta = _gathered(state.theta)
     extras = {n: _gathered(p) for n, p in extras.items()}
     if _is_sharded(state.theta) and torch.distributed.get_rank() != 0:
-        return Path(path)
-    return _write(Path(path), state.config, state.layout.entries(), state.layout.size, theta, extras)
+        return path
+    return _write(path, config, state.layout.entries(), state.layout.size, theta, extras)
+
+
+def _as_path(path: object, verb: str) -> Path:
+    """``path`` as a Path, or a :class:`ConfigError` naming what was passed."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(
+            f"{verb}: path {path!r} ({type(path).__name__}) must be a str or os.PathLike, e.g. "
+            "'adapter.safetensors'."
+        )
+    text = os.fspath(path)
+    if not isinstance(text, str) or not text or "\0" in text:
+        raise ConfigError(f"{verb}: path {text!r} is not a usable file name; pass a non-empty path.")
+    return Path(text)
+
+
+def _declaring(model: nn.Module, config: GPartConfig, extras: dict[str, torch.Tensor]) -> GPartConfig:
+    """``config`` with the modules of every saved trainable tensor declared trainable.
+
+    A file may only write tensors of modules it declares trainable (see :func:`load`), so a
+    tensor made trainable by hand after ``apply`` gets its module declared. A module that holds
+    a target cannot be declared (declared modules are never targets): that raises instead.
+    """
+    modules = [m for m in (n.rpartition(".")[0] for n in extras) if not _name_matches(m, config.trainable)]
+    if not modules:
+        return config
+    state = _state(model)
+    holding = sorted({m for m in modules if any(t.module_name == m for t in state.layout.targets)})
+    if holding:
+        raise StateError(
+            f"trainable tensors of target modules {holding[:3]} cannot be saved: an adapter file may "
+            "only write tensors of modules it declares trainable, and those modules hold targets. "
+            "Freeze those tensors, or save with trainable=False (theta alone)."
+        )
+    declared = (*config.trainable, *dict.fromkeys(modules))
+    return GPartConfig(**{**config.to_dict(), "trainable": declared})
 
 
 def _is_sharded(t: torch.Tensor) -> bool:
@@ -108,21 +149,41 @@ def _write(
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def _atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` into a temporary file beside ``path``, then rename it into place.
+
+    A crash never leaves a half-written file; every OS error is a :class:`FormatError` naming
+    the path and the fix.
+    """
+    if path.is_dir():
+        raise FormatError(
+            f"cannot save to {str(path)!r}: it is a folder; pass a file path inside it, e.g. "
+            f"{str(path / 'adapter.safetensors')!r}."
+        )
     if not path.parent.is_dir():
         raise FormatError(
             f"cannot save to {str(path)!r}: folder {str(path.parent)!r} does not exist; create it first."
         )
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except OSError as err:
+        raise FormatError(
+            f"cannot save to {str(path)!r} ({type(err).__name__}: {err.strerror or err}); choose a "
+            "folder you can write to, with free space."
+        ) from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -134,18 +195,10 @@ def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, st
     ...
     gpart.errors.FormatError: no adapter file at 'no/such/file.safetensors'; ...
     """
-    path = Path(path)
+    path = _as_path(path, "read")
     if not path.is_file():
         raise FormatError(f"no adapter file at {str(path)!r}; check the path (gpart.save writes one file).")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
-    except Exception as err:  # safetensors raises its own error types, or OSError
-        raise FormatError(
-            f"{str(path)!r} is not a readable safetensors file ({type(err).__name__}: {err}); "
-            "gpart adapters are written by gpart.save."
-        ) from None
+    tensors, metadata = _read_safetensors(path, "gpart adapters are written by gpart.save")
     if metadata.get("format") != FORMAT:
         raise FormatError(
             f"{str(path)!r} is a safetensors file but not a gpart adapter (format="
@@ -164,25 +217,110 @@ def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, st
     return tensors, metadata
 
 
-def _parse(path: Path, metadata: dict[str, str]) -> tuple[GPartConfig, list[tuple[str, list[int]]]]:
+def _read_safetensors(path: Path, hint: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor and the metadata of a safetensors file; any failure is a :class:`FormatError`."""
     try:
-        options = json.loads(metadata["config"])
-        config = GPartConfig(
-            d=int(metadata["d"]),
-            seed=int(metadata["seed"]),
-            isometric=bool(options["isometric"]),
-            bias=str(options["bias"]),
-            dropout=float(options["dropout"]),
-            init_bound=float(options["init_bound"]),
-            trainable=tuple(options["trainable"]),
-        )
-        entries = [(str(n), [int(s) for s in shape]) for n, shape in json.loads(metadata["targets"])]
-    except (KeyError, ValueError, TypeError) as err:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+    except Exception as err:  # safetensors raises its own error types, or OSError
         raise FormatError(
-            f"{str(path)!r} has malformed gpart metadata ({type(err).__name__}: {err}); the file "
-            "was edited or truncated. Save the adapter again."
+            f"{str(path)!r} is not a readable safetensors file ({type(err).__name__}: {err}); {hint}."
         ) from None
-    return config, entries
+    return tensors, metadata
+
+
+def _loads(text: str, where: str) -> object:
+    """JSON ``text`` parsed; malformed or absurdly nested text is a :class:`FormatError`."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise FormatError(
+            f"{where} is not valid JSON ({type(err).__name__}: {str(err)[:200]}); the file was "
+            "edited or truncated. Save the adapter again."
+        ) from None
+
+
+def _shown(value: object) -> str:
+    """``repr(value)``, cut short: a hostile file's value must not flood a message."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _settings(where: str, **settings: object) -> GPartConfig:
+    """The settings read from a file, validated exactly as :func:`gpart.apply` validates them."""
+    try:
+        return _make_config(**settings)
+    except ConfigError as err:
+        raise FormatError(f"{where} holds an invalid setting: {err}") from None
+
+
+def _decimal(text: str, key: str, where: str) -> int:
+    if not re.fullmatch(r"-?[0-9]{1,400}", text):
+        raise FormatError(f"{where}: metadata {key}={text[:80]!r} is not an integer; the file was edited.")
+    return int(text)
+
+
+def _name_ok(name: object) -> bool:
+    """A usable qualified tensor name: a non-empty str that UTF-8 can encode (no lone surrogates)."""
+    if not isinstance(name, str) or not name:
+        return False
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _entries(raw: object, where: str) -> list[tuple[str, list[int]]]:
+    """The ``targets`` metadata: ``[[name, shape], ...]`` with unique names and sizes >= 0."""
+    problem = None
+    if not isinstance(raw, list) or not raw:
+        problem = "a non-empty list of [name, shape] pairs"
+    else:
+        for entry in raw:
+            ok = isinstance(entry, list) and len(entry) == 2 and _name_ok(entry[0])
+            ok = ok and isinstance(entry[1], list)
+            ok = ok and all(type(s) is int and 0 <= s < 1 << 62 for s in entry[1])
+            if not ok:
+                problem = f"[name, shape] pairs (names non-empty UTF-8, sizes >= 0), not {str(entry)[:80]}"
+                break
+    if problem is None and len({e[0] for e in raw}) != len(raw):
+        problem = "unique target names"
+    if problem is not None:
+        raise FormatError(f"{where}: metadata 'targets' must hold {problem}; the file was edited.")
+    return [(name, list(shape)) for name, shape in raw]
+
+
+def _parse(path: Path, metadata: dict[str, str]) -> tuple[GPartConfig, list[tuple[str, list[int]]], int]:
+    """Settings, target entries and D of a file's metadata, each checked as ``apply`` checks it."""
+    where = repr(str(path))
+    missing = [k for k in ("d", "seed", "D", "config", "targets") if k not in metadata]
+    if missing:
+        raise FormatError(f"{where} lacks gpart metadata {missing}; the file was edited. Save it again.")
+    options = _loads(metadata["config"], f"{where} metadata 'config'")
+    keys = {"isometric", "bias", "dropout", "init_bound", "trainable"}
+    if not isinstance(options, dict) or set(options) != keys:
+        found = sorted(options) if isinstance(options, dict) else type(options).__name__
+        raise FormatError(f"{where}: metadata 'config' must hold exactly {sorted(keys)}, found {found}.")
+    if not isinstance(options["trainable"], list):
+        raise FormatError(
+            f"{where}: 'trainable' must be a list of module names, not {options['trainable']!r}."
+        )
+    config = _settings(
+        where,
+        d=_decimal(metadata["d"], "d", where),
+        seed=_decimal(metadata["seed"], "seed", where),
+        **options,
+    )
+    entries = _entries(_loads(metadata["targets"], f"{where} metadata 'targets'"), where)
+    size = _decimal(metadata["D"], "D", where)
+    counted = sum(math.prod(shape) for _, shape in entries)
+    if size != counted:
+        raise FormatError(f"{where}: D={size}, but its targets hold {counted} entries; the file was edited.")
+    if config.d > size:
+        raise FormatError(f"{where}: d={config.d} exceeds D={size}; the file was edited.")
+    return config, entries, size
 
 
 def _check_theta(path: Path, tensors: dict[str, torch.Tensor], d: int) -> torch.Tensor:
@@ -202,13 +340,24 @@ def _check_theta(path: Path, tensors: dict[str, torch.Tensor], d: int) -> torch.
             f"{str(path)!r}: theta has dtype {theta.dtype} and shape {tuple(theta.shape)}, but the "
             f"format requires float32 of shape ({d},) (d={d}). The file is corrupt; save it again."
         )
-    if not torch.isfinite(theta).all():
-        bad = int((~torch.isfinite(theta)).sum())
-        raise FormatError(
-            f"{str(path)!r}: theta has {bad} NaN/inf entries; training diverged before saving. "
-            "Use an earlier checkpoint or a lower learning rate."
-        )
+    _check_finite(path, {_THETA: theta})
     return theta
+
+
+def _check_finite(where: object, tensors: dict[str, torch.Tensor]) -> None:
+    """Every tensor floating-point and finite (a NaN in a file would poison the model silently)."""
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise FormatError(
+                f"{str(where)!r}: tensor {name!r} has dtype {t.dtype}; adapters hold floating-point "
+                "tensors only. The file is corrupt; save it again."
+            )
+        if not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise FormatError(
+                f"{str(where)!r}: tensor {name!r} has {bad} NaN/inf entries; training diverged before "
+                "saving. Use an earlier checkpoint or a lower learning rate."
+            )
 
 
 def _layout_differences(
@@ -226,35 +375,70 @@ def _layout_differences(
     return diffs
 
 
+def _missing_targets(model: nn.Module, entries: list[tuple[str, list[int]]]) -> list[str]:
+    """One line per file target that a plain model lacks or holds in another shape."""
+    params = dict(model.named_parameters())
+    diffs = []
+    for i, (name, shape) in enumerate(entries):
+        param = params.get(name)
+        if param is None:
+            diffs.append(f"target {i}: {name!r} is not a parameter of the model")
+        elif list(param.shape) != shape:
+            diffs.append(f"target {i}: {name!r} has shape {shape} in the file, {list(param.shape)} here")
+    return diffs
+
+
 def _fit_params(
-    model: nn.Module, tensors: dict[str, torch.Tensor]
+    model: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    *,
+    declared: Iterable[Iterable[str]],
+    targets: Iterable[str],
 ) -> tuple[dict[str, nn.Parameter], list[str]]:
-    """The model's parameter for each named tensor, and one line per name that is missing or misshaped."""
+    """The model's parameter for each named tensor, and one line per name an adapter file may not
+    write: not a parameter, another shape, gpart's own state, a target's W0, or a parameter outside
+    the modules declared trainable (by every list in ``declared``: the file's, and an adapted
+    model's own). A file must not change what it does not own."""
+    declared, targets = [tuple(d) for d in declared], set(targets)
+    params = dict(model.named_parameters())
     out, problems = {}, []
     for name, value in tensors.items():
-        try:
-            param = model.get_parameter(name)
-        except AttributeError:
+        module = name.rpartition(".")[0]
+        if name in targets or "parametrizations" in name.split("."):
+            problems.append(f"{name!r} is a target's pretrained weight, which an adapter never writes")
+        elif name.split(".")[0] == STATE_ATTR:
+            problems.append(f"{name!r} is gpart's own state (theta is stored as {_THETA!r})")
+        elif name not in params:
             problems.append(f"{name!r} is not a parameter of {type(model).__name__}")
-            continue
-        if param.shape != value.shape:
+        elif not all(_name_matches(module, d) for d in declared):
+            problems.append(f"{name!r} is outside the modules declared trainable {declared[0]}")
+        elif params[name].shape != value.shape:
             problems.append(
-                f"{name!r} has shape {tuple(value.shape)} in the file, {tuple(param.shape)} in the model"
+                f"{name!r} has shape {tuple(value.shape)} in the file, {tuple(params[name].shape)} here"
             )
-        out[name] = param
+        else:
+            out[name] = params[name]
     return out, problems
 
 
-def _check_extras(path: Path, model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, nn.Parameter]:
-    extras = {k[len(_EXTRA) :]: v for k, v in tensors.items() if k.startswith(_EXTRA)}
-    out, problems = _fit_params(model, extras)
-    if problems:
-        raise LayoutError(
-            f"{str(path)!r}: saved trainable tensors do not fit the model: "
-            + "; ".join(problems)
-            + ". Load into the architecture the adapter was trained on."
-        )
-    return out
+def _staged(
+    theta: torch.Tensor, extras: dict[str, tuple[nn.Parameter, torch.Tensor]], device: torch.device
+) -> tuple[torch.Tensor, list[tuple[nn.Parameter, torch.Tensor]]]:
+    """Every value to write, already on its device and in its dtype: what can fail (memory) runs
+    before the model changes, and the writes that follow allocate nothing."""
+    staged = [(p, v.to(p.device, p.dtype)) for p, v in extras.values()]
+    return theta.to(device, torch.float32), staged
+
+
+def _commit(model: nn.Module, install, theta: torch.Tensor, staged: list) -> None:
+    """``install()`` (None when adapted already), then theta and the saved tensors written in place."""
+    with _atomic(model):
+        if install is not None:
+            install()
+        with torch.no_grad():
+            _state(model).theta.copy_(theta)
+            for param, value in staged:
+                param.copy_(value)
 
 
 def load(
@@ -264,8 +448,10 @@ def load(
 
     On a model without gpart, applies gpart with the file's settings and target list first
     (``backend`` and ``recompute`` as in :func:`gpart.apply`); on an adapted model, verifies that
-    settings and layout match. Any mismatch raises one
-    :class:`LayoutError` that lists every difference, and leaves the model untouched.
+    settings and layout match. Any mismatch raises one :class:`LayoutError` that lists every
+    difference, and leaves the model untouched. Besides theta, a file may only write parameters
+    of the modules it declares trainable (e.g. a classification head), never a target's weight
+    or any other frozen parameter.
 
     >>> import tempfile, torch, gpart
     >>> torch.manual_seed(0) and None
@@ -280,34 +466,46 @@ def load(
     True
     """
     _check_runtime(backend, recompute)
-    path = Path(path)
+    path = _as_path(path, "load")
     tensors, metadata = read(path)
-    config, entries = _parse(path, metadata)
+    config, entries, _ = _parse(path, metadata)
     theta = _check_theta(path, tensors, config.d)
+    extras = {k[len(_EXTRA) :]: v for k, v in tensors.items() if k.startswith(_EXTRA)}
+    _check_finite(path, extras)
     state = _find_state(model)
+    declared = [config.trainable]
     if state is None:
-        names = [n for n, _ in entries]
-        try:
-            layout, scale, backend = _plan(
-                model, config, targets=None, target_parameters=(), exact=names, backend=backend
-            )
-        except GPartError as err:
-            raise LayoutError(f"{str(path)!r} does not fit {type(model).__name__}: {err}") from None
-        diffs = _layout_differences(None, layout.entries(), config, entries)
+        diffs = _missing_targets(model, entries)
+        if not diffs:
+            try:
+                names = [n for n, _ in entries]
+                layout, scale, backend = _plan(
+                    model, config, targets=None, target_parameters=(), exact=names, backend=backend
+                )
+            except GPartError as err:
+                raise LayoutError(f"{str(path)!r} does not fit {type(model).__name__}: {err}") from None
+            diffs = _layout_differences(None, layout.entries(), config, entries)
     else:
         diffs = _layout_differences(state.config, state.layout.entries(), config, entries)
+        declared.append(state.config.trainable)
     if diffs:
         raise LayoutError(
             f"{str(path)!r} was saved for another layout ({len(diffs)} difference(s)): "
             + "; ".join(diffs)
             + ". Load it into the same architecture with the same targets and settings."
         )
-    extras = _check_extras(path, model, tensors)
-    if state is None:
+    params, problems = _fit_params(model, extras, declared=declared, targets=[n for n, _ in entries])
+    if problems:
+        raise LayoutError(
+            f"{str(path)!r}: saved trainable tensors do not fit the model: "
+            + "; ".join(problems)
+            + ". Load into the architecture the adapter was trained on."
+        )
+    device = (state.theta if state is not None else scale).device
+    theta, staged = _staged(theta, {n: (params[n], extras[n]) for n in params}, device)
+
+    def install() -> None:
         _install(model, config, layout, scale, freeze=True, backend=backend, recompute=recompute)
-        state = _state(model)
-    with torch.no_grad():
-        state.theta.copy_(theta)
-        for name, param in extras.items():
-            param.copy_(tensors[_EXTRA + name])
+
+    _commit(model, install if state is None else None, theta, staged)
     return model

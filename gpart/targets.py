@@ -103,7 +103,13 @@ def _module_predicate(
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         return lambda name, module: isinstance(module, linear) and module is not head and name not in exclude
     if isinstance(spec, str):
-        regex = re.compile(spec)
+        try:
+            regex = re.compile(spec)
+        except re.error as err:
+            raise TargetError(
+                f"targets={spec!r} is not a valid regular expression ({err}); a single string is a "
+                f"regex matched against the whole module name. Fix it, or pass a list: [{spec!r}]."
+            ) from None
         return lambda name, module: regex.fullmatch(name) is not None
     patterns = tuple(spec)
     return lambda name, module: _name_matches(name, patterns)
@@ -200,10 +206,41 @@ def resolve(
     return Layout(tuple(out))
 
 
+def _memory(t: torch.Tensor) -> tuple[tuple, int, int] | None:
+    """``(storage key, first byte, end byte)`` of a tensor's elements; None without local storage."""
+    if t.device.type == "meta" or t.numel() == 0 or callable(getattr(t, "full_tensor", None)):
+        return None  # no storage (meta, empty) or not a local tensor (an FSDP2 shard)
+    try:
+        base = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without a plain storage
+        return None
+    first = t.storage_offset() * t.element_size()
+    span = sum((s - 1) * st for s, st in zip(t.shape, t.stride(), strict=True)) + 1
+    return (str(t.device), base), first, first + span * t.element_size()
+
+
+def _aliases(named: list[tuple[str, torch.Tensor]]) -> dict[str, list[str]]:
+    """For each name, the other names whose tensors share memory with it (ties by storage, which
+    ``nn.Parameter(other.weight.data)`` makes without sharing the object)."""
+    by_storage: dict[tuple, list[tuple[int, int, str]]] = {}
+    for name, t in named:
+        where = _memory(t)
+        if where is not None:
+            by_storage.setdefault(where[0], []).append((where[1], where[2], name))
+    out: dict[str, list[str]] = {}
+    for spans in by_storage.values():
+        for a_first, a_end, a in spans:
+            out[a] = [b for b_first, b_end, b in spans if b != a and b_first < a_end and a_first < b_end]
+    return out
+
+
 def _check_tensors(model: nn.Module, picked: list[tuple[str, nn.Module, str]]) -> None:
     owners: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
+    everything = list(model.named_parameters(remove_duplicate=False))
+    everything += list(model.named_buffers(remove_duplicate=False))
+    for name, p in everything:
         owners.setdefault(id(p), []).append(name)
+    aliases = _aliases(everything)
     for name, module, pname in picked:
         tensor = getattr(module, pname)
         if parametrize.is_parametrized(module, pname):
@@ -218,6 +255,7 @@ def _check_tensors(model: nn.Module, picked: list[tuple[str, nn.Module, str]]) -
                 "tensors. Exclude it from the targets (quantized weights: dequantize first)."
             )
         names = owners.get(id(tensor), [name])
+        names = names + [n for n in aliases.get(name, []) if n not in names]
         if len(names) > 1:
             raise TargetError(
                 f"target {name!r} is shared with {[n for n in names if n != name] or names}; a tied "

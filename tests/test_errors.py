@@ -188,7 +188,7 @@ def test_load_foreign_safetensors(saved, tmp_path):
         ({"tensors": lambda t: {**t, "theta": torch.tensor([math.inf] + [0.0] * 9)}}, "1 NaN/inf"),
         ({"metadata": {"format_version": "9"}}, "format_version='9'"),
         ({"metadata": {"algorithm": "other-v2"}}, "'other-v2'"),
-        ({"metadata": {"targets": "not json"}}, "malformed gpart metadata"),
+        ({"metadata": {"targets": "not json"}}, "'targets' is not valid JSON"),
     ],
 )
 @pytest.mark.parametrize("into", ["plain", "adapted"])
@@ -212,10 +212,22 @@ def test_load_layout_mismatch_lists_every_difference(saved, tmp_path):
 def test_load_into_wrong_plain_architecture(saved):
     path, _ = saved
     other = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 13), nn.Tanh(), nn.Linear(13, 3))
-    _fails(other, LayoutError, "target 1: file ('2.weight', [12, 12])", call=lambda: gpart.load(other, path))
+    _fails(
+        other,
+        LayoutError,
+        "target 1: '2.weight' has shape [12, 12] in the file, [13, 12] here",
+        call=lambda: gpart.load(other, path),
+    )
     smaller = nn.Sequential(nn.Linear(6, 12))
     _fails(
-        smaller, LayoutError, "does not fit", "'4' matches no module", call=lambda: gpart.load(smaller, path)
+        smaller,
+        LayoutError,
+        "target 1: '2.weight' is not a parameter",
+        call=lambda: gpart.load(smaller, path),
+    )
+    renamed = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 12))  # the head '4' is gone
+    _fails(
+        renamed, LayoutError, "does not fit", "'4' matches no module", call=lambda: gpart.load(renamed, path)
     )
 
 
