@@ -286,6 +286,22 @@ def auto_table(res: dict, png: str) -> str:
     return "\n".join(lines)
 
 
+def convert_table(res: dict, png: str) -> str:
+    lines = [
+        "`python -m gpart convert REF_DIR OUT --model-config config.json` (median wall time; the "
+        "rest of the command is starting Python and importing torch and transformers).",
+        "",
+        "| D | d | command (s) | meta model (s) | convert (s) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        lines.append(
+            f"| {r['D']:,} | {r['d']:,} | {r['command_s']:.2f} | {r['meta_model_s']:.2f} | "
+            f"{r['convert_s']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
 SECTIONS = [
     (
         "step",
@@ -330,6 +346,13 @@ SECTIONS = [
         "bench_apply.png",
     ),
     ("io", "Adapter files", "python benchmarks/bench_io.py", plot_io, "bench_io.png"),
+    (
+        "convert",
+        "Converting a reference folder (Llama-7B layout, D = 1.07e9)",
+        "python benchmarks/bench_convert.py",
+        convert_table,
+        None,
+    ),
     ("inference", "Inference latency", "python benchmarks/bench_inference.py", inference_table, None),
     ("bf16", "bf16 bases", "python benchmarks/bench_bf16.py", plot_bf16, "bench_bf16.png"),
     (

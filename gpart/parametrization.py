@@ -278,8 +278,14 @@ def _check_reentrant_checkpoint() -> None:
     theta is shared by every block: (1) in a frozen model the hidden states need no grad, so the
     block is never replayed and theta misses its gradient; (2) under DDP each replay delivers a
     part of theta's gradient, and DDP reduces theta after the first part (measured: theta off by
-    more than its own size after 5 steps). Grad mode is off here, which is rare during training,
-    so walking up the call stack costs nothing in practice.
+    more than its own size after 5 steps). ``DistributedDataParallel(static_graph=True)`` waits
+    for every part (tested: it trains like one process), so it passes.
+
+    Called only for a target computed in training mode, with grad mode off while theta requires
+    grad: the one situation a reentrant checkpoint creates in training (evaluation under
+    ``torch.no_grad`` runs in eval mode and never walks the stack). It recognizes torch's own
+    reentrant checkpoint (``torch.utils.checkpoint``, which transformers uses); other reentrant
+    implementations (DeepSpeed's, Megatron's, hand-written autograd Functions) go unseen.
     """
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.checkpoint import CheckpointFunction
@@ -297,11 +303,16 @@ def _check_reentrant_checkpoint() -> None:
                     f"no gradient from it. {_NON_REENTRANT}, or make the inputs require grad "
                     "(transformers: model.enable_input_require_grads())."
                 )
-        elif frame.f_code is ddp_code and inside:
+        elif (
+            frame.f_code is ddp_code
+            and inside
+            and not getattr(frame.f_locals.get("self"), "static_graph", False)
+        ):
             raise StateError(
                 "reentrant activation checkpointing under DistributedDataParallel: theta is used by "
                 "every checkpointed block; its gradient arrives in one separate backward pass per block "
-                f"and DDP reduces an incomplete one (measured: theta wrong). {_NON_REENTRANT}."
+                f"and DDP reduces an incomplete one (measured: theta wrong). {_NON_REENTRANT}, or "
+                "wrap the model in DistributedDataParallel(..., static_graph=True)."
             )
         frame = frame.f_back
 
@@ -491,7 +502,7 @@ class GPartParametrization(nn.Module):
         if not state.enabled:
             return w0
         compiling = torch.compiler.is_compiling()
-        if not compiling and not torch.is_grad_enabled() and state.theta.requires_grad:
+        if self.training and not compiling and not torch.is_grad_enabled() and state.theta.requires_grad:
             _check_reentrant_checkpoint()
         p = self.rate()
         key = None

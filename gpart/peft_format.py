@@ -126,9 +126,7 @@ def _kwargs_from_config(path: Path, raw: object) -> dict:
         )
     saved = raw.get("modules_to_save")
     if saved is not None and not (isinstance(saved, list) and all(isinstance(m, str) for m in saved)):
-        raise FormatError(
-            f"{where}: modules_to_save={_shown(saved)} must be a list of module names or null."
-        )
+        raise FormatError(f"{where}: modules_to_save={_shown(saved)} must be a list of module names or null.")
     for key in ("d", "proj_seed"):
         if key not in raw:
             raise FormatError(

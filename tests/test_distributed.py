@@ -58,6 +58,7 @@ def reference(tmp_path_factory):
         ["--engine", "fsdp2"],
         ["--engine", "fsdp2", "--checkpoint", "non-reentrant"],
         ["--engine", "fsdp2", "--checkpoint", "reentrant", "--input-grad"],
+        ["--engine", "ddp", "--checkpoint", "reentrant", "--input-grad", "--static-graph"],
     ],
     ids=lambda a: "-".join(x.strip("-") for x in a),
 )

@@ -80,6 +80,11 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="make the blocks' inputs require grad (what transformers' enable_input_require_grads does)",
     )
+    p.add_argument(
+        "--static-graph",
+        action="store_true",
+        help="DistributedDataParallel(static_graph=True), which supports reentrant checkpointing",
+    )
     p.add_argument("--out", default=None, help="save the adapter here (rank 0)")
     args = p.parse_args(argv)
 
@@ -97,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         model.embed.register_forward_hook(lambda module, inputs, out: out.requires_grad_(True))
 
     if args.engine == "ddp":
-        wrapped = nn.parallel.DistributedDataParallel(model)
+        wrapped = nn.parallel.DistributedDataParallel(model, static_graph=args.static_graph)
     elif args.engine == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
