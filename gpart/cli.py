@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args, parser)
     except GPartError as err:
-        print(f"gpart: error: {err}", file=sys.stderr)
+        _say(f"gpart: error: {err}", file=sys.stderr)
         return 1
     return 0
 
@@ -81,22 +81,29 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _say(text: str, file=None) -> None:
+    """Print one line; characters the stream cannot encode (an ASCII terminal) come out escaped."""
+    file = file or sys.stdout
+    encoding = getattr(file, "encoding", None) or "utf-8"
+    print(text.encode(encoding, "backslashreplace").decode(encoding), file=file)
+
+
 # ------------------------------------------------------------------------------------------ inspect
 
 
 def _inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     info = _describe_peft(args.adapter) if args.adapter.is_dir() else _describe_gpart(args.adapter)
     if args.json:
-        print(json.dumps(info, indent=1))
+        _say(json.dumps(info, indent=1))
         return
     targets = info.pop("targets", None)
     for key, value in info.items():
-        print(f"{key:<14}{value}")
+        _say(f"{key:<14}{value}")
     if targets is not None:
         shown = targets if args.all_targets or len(targets) <= 8 else [*targets[:4], None, *targets[-3:]]
-        print(f"{'targets':<14}{len(targets)} tensors, in canonical order:")
+        _say(f"{'targets':<14}{len(targets)} tensors, in canonical order:")
         for entry in shown:
-            print("  ..." if entry is None else f"  {entry[0]} {tuple(entry[1])}")
+            _say("  ..." if entry is None else f"  {entry[0]} {tuple(entry[1])}")
 
 
 def _theta_stats(theta: torch.Tensor) -> dict:
@@ -167,7 +174,7 @@ def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         out = _to_gpart_file(args.source, _meta_model(args.model_config, args.model_class), args.target)
     else:
         out = _from_gpart_file(args.source, args.target)
-    print(f"wrote {out}")
+    _say(f"wrote {out}")
 
 
 def _meta_model(config_path: Path, class_name: str | None) -> torch.nn.Module:

@@ -39,6 +39,7 @@ from .serialization import (
     _commit,
     _fit_params,
     _loads,
+    _name_ok,
     _parse,
     _read_safetensors,
     _settings,
@@ -117,15 +118,14 @@ def _kwargs_from_config(path: Path, raw: object) -> dict:
             )
     targets = raw.get("target_modules")
     if not (
-        (isinstance(targets, str) and targets)
-        or (isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets))
+        _name_ok(targets) or (isinstance(targets, list) and targets and all(_name_ok(t) for t in targets))
     ):
         raise FormatError(
             f"{where}: target_modules={_shown(targets)}; gpart needs the explicit list of module "
             "names (or one regex) the adapter was trained with, not a model-type default."
         )
     saved = raw.get("modules_to_save")
-    if saved is not None and not (isinstance(saved, list) and all(isinstance(m, str) for m in saved)):
+    if saved is not None and not (isinstance(saved, list) and all(_name_ok(m) for m in saved)):
         raise FormatError(f"{where}: modules_to_save={_shown(saved)} must be a list of module names or null.")
     for key in ("d", "proj_seed"):
         if key not in raw:
@@ -225,7 +225,7 @@ def _fit(model: nn.Module, directory, kwargs: dict, tensors: dict, *, backend: s
     )
     extras = {k: v for k, v in tensors.items() if k != "theta"}
     params, problems = _fit_params(
-        model, extras, declared=[config.trainable], targets=[t.name for t in plan[0].targets]
+        model, extras, declared=config.trainable, targets=[t.name for t in plan[0].targets]
     )
     if problems:
         raise LayoutError(

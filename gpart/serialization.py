@@ -392,14 +392,15 @@ def _fit_params(
     model: nn.Module,
     tensors: dict[str, torch.Tensor],
     *,
-    declared: Iterable[Iterable[str]],
+    declared: Iterable[str],
     targets: Iterable[str],
+    adapted: bool = False,
 ) -> tuple[dict[str, nn.Parameter], list[str]]:
     """The model's parameter for each named tensor, and one line per name an adapter file may not
-    write: not a parameter, another shape, gpart's own state, a target's W0, or a parameter outside
-    the modules declared trainable (by every list in ``declared``: the file's, and an adapted
-    model's own). A file must not change what it does not own."""
-    declared, targets = [tuple(d) for d in declared], set(targets)
+    write: not a parameter, another shape, gpart's own state, a target's W0, a parameter outside
+    the modules the file declares trainable, or (in an ``adapted`` model) a frozen parameter. A
+    file must not change what it does not own."""
+    declared, targets = tuple(declared), set(targets)
     params = dict(model.named_parameters())
     out, problems = {}, []
     for name, value in tensors.items():
@@ -410,8 +411,10 @@ def _fit_params(
             problems.append(f"{name!r} is gpart's own state (theta is stored as {_THETA!r})")
         elif name not in params:
             problems.append(f"{name!r} is not a parameter of {type(model).__name__}")
-        elif not all(_name_matches(module, d) for d in declared):
-            problems.append(f"{name!r} is outside the modules declared trainable {declared[0]}")
+        elif not _name_matches(module, declared):
+            problems.append(f"{name!r} is outside the modules the file declares trainable {list(declared)}")
+        elif adapted and not params[name].requires_grad:
+            problems.append(f"{name!r} is frozen in this model (make it trainable to load it)")
         elif params[name].shape != value.shape:
             problems.append(
                 f"{name!r} has shape {tuple(value.shape)} in the file, {tuple(params[name].shape)} here"
@@ -473,7 +476,6 @@ def load(
     extras = {k[len(_EXTRA) :]: v for k, v in tensors.items() if k.startswith(_EXTRA)}
     _check_finite(path, extras)
     state = _find_state(model)
-    declared = [config.trainable]
     if state is None:
         diffs = _missing_targets(model, entries)
         if not diffs:
@@ -487,14 +489,15 @@ def load(
             diffs = _layout_differences(None, layout.entries(), config, entries)
     else:
         diffs = _layout_differences(state.config, state.layout.entries(), config, entries)
-        declared.append(state.config.trainable)
     if diffs:
         raise LayoutError(
             f"{str(path)!r} was saved for another layout ({len(diffs)} difference(s)): "
             + "; ".join(diffs)
             + ". Load it into the same architecture with the same targets and settings."
         )
-    params, problems = _fit_params(model, extras, declared=declared, targets=[n for n, _ in entries])
+    params, problems = _fit_params(
+        model, extras, declared=config.trainable, targets=[n for n, _ in entries], adapted=state is not None
+    )
     if problems:
         raise LayoutError(
             f"{str(path)!r}: saved trainable tensors do not fit the model: "

@@ -105,7 +105,7 @@ def test_gpart_file_metadata_is_validated(tmp_path, metadata, fragment):
     [
         ("1.weight", "not a parameter"),  # Tanh has none
         ("0.weight", "a target's pretrained weight"),
-        ("0.bias", "outside the modules declared trainable"),  # frozen, not declared
+        ("0.bias", "outside the modules the file declares trainable"),  # frozen, not declared
         ("gpart.theta", "gpart's own state"),
     ],
 )
@@ -135,6 +135,17 @@ def test_save_declares_modules_made_trainable_by_hand(tmp_path):
     assert json.loads(gpart.read(path)[1]["config"])["trainable"] == ["4"]
     fresh = gpart.load(_base(), path)
     assert torch.equal(fresh[4].weight, model[4].weight)
+
+
+def test_resuming_into_an_adapted_model_writes_trainable_tensors_only(tmp_path):
+    model = gpart.apply(_base(), d=10, seed=5, targets=["0"])
+    model[4].weight.requires_grad_(True)
+    path = gpart.save(model, tmp_path / "a.safetensors")
+    resumed = gpart.apply(_base(), d=10, seed=5, targets=["0"])
+    _refused(resumed, LayoutError, "'4.weight' is frozen in this model", lambda: gpart.load(resumed, path))
+    resumed[4].weight.requires_grad_(True)  # the same set-up as when it was saved
+    gpart.load(resumed, path)
+    assert torch.equal(resumed[4].weight, model[4].weight)
 
 
 def test_save_refuses_trainable_tensors_of_target_modules(tmp_path):
@@ -217,7 +228,10 @@ def test_reference_tensor_outside_modules_to_save_is_refused(tmp_path):
     folder = _peft_folder(tmp_path, tensors=lambda t: {**t, "base_model.model.0.bias": torch.zeros(12)})
     model = _base()
     _refused(
-        model, LayoutError, "outside the modules declared trainable", lambda: gpart.load_peft(model, folder)
+        model,
+        LayoutError,
+        "outside the modules the file declares trainable",
+        lambda: gpart.load_peft(model, folder),
     )
 
 
@@ -497,3 +511,18 @@ def test_convert_of_a_reference_folder_hashes_nothing(tmp_path, monkeypatch):
     expected = gpart.load_peft(_base(), folder)
     with torch.no_grad():
         assert torch.equal(fresh(torch.ones(1, 6)), expected(torch.ones(1, 6)))
+
+
+def test_inspect_on_an_ascii_terminal_escapes_what_it_cannot_print(tmp_path):
+    import subprocess
+    import sys
+
+    model = nn.Module()
+    model.add_module("héad", nn.Linear(4, 4))
+    path = gpart.save(gpart.apply(model, d=3, seed=0), tmp_path / "a.safetensors")
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    run = subprocess.run(
+        [sys.executable, "-m", "gpart", "inspect", str(path)], capture_output=True, text=True, env=env
+    )
+    assert run.returncode == 0, run.stderr
+    assert "h\\xe9ad.weight" in run.stdout
