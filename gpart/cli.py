@@ -186,17 +186,29 @@ def _meta_model(config_path: Path, class_name: str | None) -> torch.nn.Module:
         raise ConfigError("--model-config needs the transformers package: pip install transformers") from None
     try:
         raw = json.loads(config_path.read_text())
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:
         raise ConfigError(
-            f"--model-config {str(config_path)!r} is not a readable JSON file ({err})."
+            f"--model-config {str(config_path)!r} is not a readable JSON file ({type(err).__name__}: "
+            f"{str(err)[:200]})."
         ) from None
-    name = class_name or (raw.get("architectures") or [None])[0]
-    cls = getattr(transformers, name, None) if name else None
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"--model-config {str(config_path)!r} holds {type(raw).__name__}, not a JSON object."
+        )
+    architectures = raw.get("architectures")
+    name = class_name or (architectures[0] if isinstance(architectures, list) and architectures else None)
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
     if cls is None or not hasattr(cls, "config_class"):
         raise ConfigError(
             f"model class {name!r} is not a transformers model class; pass --model-class, "
             "e.g. BertForSequenceClassification."
         )
-    config = cls.config_class(**{k: v for k, v in raw.items() if k != "model_type"})
-    with torch.device("meta"):
-        return cls(config)
+    try:
+        config = cls.config_class(**{k: v for k, v in raw.items() if k != "model_type"})
+        with torch.device("meta"):
+            return cls(config)
+    except Exception as err:  # transformers validates configs with its own exception types
+        raise ConfigError(
+            f"--model-config {str(config_path)!r} does not build a {name} ({type(err).__name__}: "
+            f"{str(err)[:200]}); pass the config.json the base model was saved with."
+        ) from None

@@ -526,3 +526,24 @@ def test_inspect_on_an_ascii_terminal_escapes_what_it_cannot_print(tmp_path):
     )
     assert run.returncode == 0, run.stderr
     assert "h\\xe9ad.weight" in run.stdout
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("[" * 100_000 + "]" * 100_000, "RecursionError"),
+        ("[1, 2]", "holds list"),
+        ('{"architectures": 3}', "model class None"),
+        ('{"architectures": ["BertModel"], "hidden_size": -4}', "does not build a BertModel"),
+    ],
+)
+def test_convert_with_a_hostile_model_config_is_one_line(tmp_path, capsys, text, fragment):
+    pytest.importorskip("transformers")
+    folder = gpart.save_peft(_adapted(), tmp_path / "ref")
+    config = tmp_path / "config.json"
+    config.write_text(text)
+    assert (
+        cli(["convert", str(folder), str(tmp_path / "out.safetensors"), "--model-config", str(config)]) == 1
+    )
+    err = capsys.readouterr().err
+    assert err.startswith("gpart: error:") and err.count("\n") == 1 and fragment in err, err
