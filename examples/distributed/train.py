@@ -136,8 +136,10 @@ def main(argv: list[str] | None = None) -> None:
     dist.destroy_process_group()
     # Everything is written and the group is gone. Exiting normally runs C++ static destructors,
     # and one of torch's background threads is sometimes still joinable then: the process aborts
-    # ("terminate called without an active exception", exit code -6) after its work is done.
-    # os._exit skips those destructors; the files were closed and the streams are flushed here.
+    # ("terminate called without an active exception", exit code -6) after its work is done, as
+    # in pytorch/pytorch#190489; #179291 traces it to Gloo worker threads outliving interpreter
+    # finalization (its fix, an atexit destroy, was abandoned, and destroying the group first, as
+    # here, is not enough). os._exit skips those destructors; files are closed, streams flushed.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
