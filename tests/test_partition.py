@@ -106,3 +106,24 @@ def test_ids_across_the_signed_wrap_of_the_hash_input(before_wrap):
     seed = (1 << 63) - before_wrap - 0x9E3779B97F4A7C15
     got = group_ids(0, 10, d=97, seed=seed).tolist()
     assert got == [ref_group_id(seed, i, 97) for i in range(10)]
+
+
+def test_scales_are_the_reference_float32_ops_correctly_rounded():
+    """``1/sqrt(n)`` as float32 ``sqrt`` then float32 ``1 /`` (the authors' ops), each correctly
+    rounded: numpy's float32 sqrt and division are IEEE, an independent oracle."""
+    import numpy as np
+
+    n = 2_000_000
+    ours = group_scales(torch.arange(1, n + 1)).numpy().view(np.uint32)
+    sizes = np.arange(1, n + 1, dtype=np.float32)
+    oracle = (np.float32(1) / np.sqrt(sizes)).view(np.uint32)
+    assert np.array_equal(ours, oracle)
+    once = (1.0 / np.sqrt(np.arange(1, n + 1, dtype=np.float64))).astype(np.float32).view(np.uint32)
+    differ = np.nonzero(ours != once)[0] + 1
+    assert len(differ) == 580_733 and differ[:5].tolist() == [6, 7, 17, 18, 21]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_scales_are_the_same_bits_on_cuda():
+    counts = torch.randint(0, 3_000_000, (100_000,))
+    assert torch.equal(group_scales(counts.cuda()).cpu(), group_scales(counts))
