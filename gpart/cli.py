@@ -94,7 +94,7 @@ def _say(text: str, file=None) -> None:
 def _inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     info = _describe_peft(args.adapter) if args.adapter.is_dir() else _describe_gpart(args.adapter)
     if args.json:
-        _say(json.dumps(info, indent=1))
+        _say(json.dumps(info, indent=1, default=repr))
         return
     targets = info.pop("targets", None)
     for key, value in info.items():

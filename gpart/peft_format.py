@@ -11,16 +11,19 @@ A directory written by the reference implementation's ``save_pretrained`` holds:
 
 Both use the partition gpart implements (the "stateless" SplitMix64 assignment), so the same
 settings give the same weights: :func:`load_peft` applies gpart with the directory's settings and
-loads theta and the head. Settings gpart does not implement (another assignment backend,
-per-layer partitions, ``layers_to_transform``, ...) raise :class:`~gpart.FormatError` instead of
-loading something else. Dropout masks differ (the reference draws them from torch's RNG, gpart
-from a hash), which matters only when training continues.
+loads theta and the head. ``layers_to_transform``/``layers_pattern`` select targets as PEFT does,
+and the reference's ``bias="*_only"`` modes partition biases as ``"all"``. Settings gpart does not
+implement (another assignment backend, per-block partitions, ...) raise
+:class:`~gpart.FormatError` instead of loading something else. Dropout masks differ (the
+reference draws them from torch's RNG, gpart from a hash), which matters only when training
+continues.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -110,12 +113,6 @@ def _kwargs_from_config(path: Path, raw: object) -> dict:
                 f"{where}: {key}={_shown(raw.get(key))} is not supported; gpart implements "
                 f"{key} in {supported} (the reference's defaults). Retrain with those settings."
             )
-    for key in ("layers_to_transform", "layers_pattern"):
-        if raw.get(key) not in (None, [], ""):
-            raise FormatError(
-                f"{where}: {key}={_shown(raw[key])} is not supported; gpart selects target modules "
-                "by target_modules alone. Retrain without it, or name the modules in target_modules."
-            )
     targets = raw.get("target_modules")
     if not (
         _name_ok(targets) or (isinstance(targets, list) and targets and all(_name_ok(t) for t in targets))
@@ -124,6 +121,9 @@ def _kwargs_from_config(path: Path, raw: object) -> dict:
             f"{where}: target_modules={_shown(targets)}; gpart needs the explicit list of module "
             "names (or one regex) the adapter was trained with, not a model-type default."
         )
+    layers, pattern = raw.get("layers_to_transform"), raw.get("layers_pattern")
+    if layers not in (None, []) and isinstance(targets, list):  # PEFT ignores them for a regex
+        targets = _LayerFilter.parse(where, targets, layers, pattern)
     saved = raw.get("modules_to_save")
     if saved is not None and not (isinstance(saved, list) and all(_name_ok(m) for m in saved)):
         raise FormatError(f"{where}: modules_to_save={_shown(saved)} must be a list of module names or null.")
@@ -136,13 +136,68 @@ def _kwargs_from_config(path: Path, raw: object) -> dict:
         where,
         d=raw["d"],
         seed=raw["proj_seed"],
-        bias=raw.get("bias", "none"),
+        bias=_bias(raw.get("bias", "none")),
         isometric=raw.get("isometric", True),
         dropout=raw.get("gpart_dropout", 0.0),
         init_bound=raw.get("init_bound", 0.0),
         trainable=saved or [],
     )
     return {**config.to_dict(), "targets": targets}
+
+
+def _bias(value: object) -> object:
+    """The reference's bias mode as gpart's: every ``*_only`` value partitions the biases as "all"
+    does (the reference's index spaces and deltas are identical); others are checked by apply's rules."""
+    return "all" if isinstance(value, str) and value.endswith("_only") else value
+
+
+class _LayerFilter:
+    """PEFT's target rule with ``layers_to_transform``: a callable ``targets`` for :func:`gpart.apply`.
+
+    A module is a target if its name equals an entry of ``modules`` (the layer filter does not
+    apply then), or ends with ``"." + entry`` and its layer index is kept. The layer index is the
+    number after the last ``.<pattern>.`` (any container when no pattern is given) followed by a
+    dot, for the first pattern that matches, exactly as PEFT reads it.
+    """
+
+    def __init__(self, modules: list[str], layers: tuple[int, ...], patterns: tuple[str, ...]) -> None:
+        self.modules, self.layers, self.patterns = modules, layers, patterns
+        self.regexes = [re.compile(rf".*\.{p}\.(\d+)\.") for p in patterns] or [
+            re.compile(r".*\.[^.]*\.(\d+)\.")
+        ]
+
+    @classmethod
+    def parse(cls, where: str, modules: list, layers: object, pattern: object) -> _LayerFilter:
+        layers = [layers] if type(layers) is int else layers
+        patterns = [pattern] if isinstance(pattern, str) else pattern if pattern is not None else []
+        if not (isinstance(layers, list) and all(type(i) is int for i in layers)):
+            raise FormatError(
+                f"{where}: layers_to_transform={_shown(layers)} must be an int or a list of ints."
+            )
+        if not (isinstance(patterns, list) and all(isinstance(p, str) and p for p in patterns)):
+            raise FormatError(
+                f"{where}: layers_pattern={_shown(pattern)} must be a name, a list of names or null."
+            )
+        try:
+            return cls(list(modules), tuple(layers), tuple(patterns))
+        except re.error as err:
+            raise FormatError(
+                f"{where}: layers_pattern={_shown(pattern)} is not a valid regex ({err})."
+            ) from None
+
+    def __call__(self, name: str, module: nn.Module) -> bool:
+        if name in self.modules:
+            return True
+        if not any(name.endswith("." + m) for m in self.modules):
+            return False
+        for regex in self.regexes:
+            found = regex.match(name)
+            if found is not None:
+                return int(found.group(1)) in self.layers
+        return False
+
+    def __repr__(self) -> str:
+        return f"{self.modules} in layers {list(self.layers)} (layers_pattern {list(self.patterns) or None})"
 
 
 def _tensors(path: Path, stored: dict[str, torch.Tensor], d: int) -> dict[str, torch.Tensor]:
