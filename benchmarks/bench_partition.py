@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
                 backend="compiled",
                 handoff=handoff,
             )
-            _delta._segment_sum_of_ids(g, handoff.take(s, 0), d, 0.0, torch.float32)
+            _delta._segment_sum_of_ids(g, handoff.take(0, s, g.numel(), 0), d, 0.0, torch.float32)
 
     t = bench(recompute_then_sum, "recompute + segment sum [compiled]")
     rows["backward recompute + P^T grad, ids handed over [compiled]"] = {"seconds": t, "x_copy": 2 * copy / t}

@@ -467,17 +467,19 @@ class IdsHandoff:
 
     Backward first rebuilds ``W0 + delta`` (the consumer layer needs it for the input gradient),
     then needs the group ids again for ``P^T grad``; the compiled kernel hands its ids over here
-    instead of hashing twice. Entries are keyed by call and taken (removed) by the segment sum.
+    instead of hashing twice. Entries are keyed by the call's interval of its index space (seed,
+    start, length: two block-scope partitions have positions in common) and dropout key, and taken
+    (removed) by the segment sum.
     """
 
     def __init__(self) -> None:
-        self.ids: dict[tuple[int, int], torch.Tensor] = {}
+        self.ids: dict[tuple[int, int, int, int], torch.Tensor] = {}
 
-    def put(self, start: int, key: int):
-        return lambda ids: self.ids.__setitem__((start, key), ids)
+    def put(self, seed: int, start: int, numel: int, key: int):
+        return lambda ids: self.ids.__setitem__((seed, start, numel, key), ids)
 
-    def take(self, start: int, key: int) -> torch.Tensor | None:
-        return self.ids.pop((start, key), None)
+    def take(self, seed: int, start: int, numel: int, key: int) -> torch.Tensor | None:
+        return self.ids.pop((seed, start, numel, key), None)
 
 
 class _Effective(torch.autograd.Function):
@@ -499,7 +501,7 @@ class _Effective(torch.autograd.Function):
         grad_theta = None
         if ctx.needs_input_grad[0]:
             _, segment_sum = _KERNELS[ctx.backend]
-            ids = ctx.handoff.take(start, key) if ctx.handoff is not None else None
+            ids = ctx.handoff.take(seed, start, grad.numel(), key) if ctx.handoff is not None else None
             if ids is None:
                 grad_theta = segment_sum(grad, start, d, seed, p, key, chunk, dtype) * scale
             else:  # handed over by the recompute of this very weight: no second hash pass
@@ -551,7 +553,7 @@ def recompute(
     """
     forward, _ = _KERNELS[backend]
     hand = handoff is not None and (backend == "compiled" or w0.numel() <= _BACKWARD_CHUNK)
-    keep = handoff.put(start, dropout_key) if hand else None
+    keep = handoff.put(seed, start, w0.numel(), dropout_key) if hand else None
     with torch.no_grad():
         return forward(
             w0,

@@ -19,7 +19,7 @@ from . import _delta
 from .errors import ConfigError, StateError, TargetError
 from .parametrization import GPartConfig, GPartParametrization, GPartState, Pack
 from .partition import group_scales
-from .targets import Layout, TargetSpec, _hint, _name_matches, packs, resolve
+from .targets import Layout, TargetSpec, _hint, _name_matches, packs, resolve, segments
 
 __all__ = ["Summary", "apply", "cached", "disabled", "merge", "remove", "summary", "theta"]
 
@@ -33,6 +33,7 @@ STATE_ATTR = "gpart"
 AUTO_COMPILE_SIZE = 1 << 22
 AUTO_COMPILE_SIZE_WARM = 1 << 20
 _BIAS_MODES = ("none", "all")
+_SCOPES = ("global", "block")
 
 
 def _is_int(x: object) -> bool:
@@ -67,6 +68,7 @@ def _make_config(
     dropout: object,
     init_bound: object,
     trainable: object,
+    scope: object = "global",
 ) -> GPartConfig:
     if not _is_int(d) or int(d) < 1:
         raise ConfigError(
@@ -97,7 +99,13 @@ def _make_config(
             f"init_bound={init_bound!r}: theta (float32) starts uniform in [-b, b], so b must be a "
             "number >= 0 that float32 can hold (0 = start exactly at the pretrained weights)."
         )
+    if scope not in _SCOPES:
+        raise ConfigError(
+            f"scope={scope!r}: unknown partition scope; use 'global' (one partition over all targets) "
+            "or 'block' (one per transformer block, d split evenly across the blocks)."
+        )
     return GPartConfig(
+        scope=str(scope),
         d=int(d),
         seed=int(seed),
         isometric=isometric,
@@ -178,6 +186,7 @@ def _plan(
             f"target {sharded[0]!r} is already sharded (an FSDP2 DTensor); the partition runs over the "
             "whole tensors. Call gpart.apply before fully_shard."
         )
+    parts = segments(layout, d=config.d, seed=config.seed, scope=config.scope)
     if config.d > layout.size:
         raise ConfigError(
             f"d={config.d} exceeds D={layout.size}, the number of target entries; every group "
@@ -188,7 +197,16 @@ def _plan(
     first = model.get_parameter(layout.targets[0].name)
     device = torch.device("cpu") if first.device.type == "meta" else first.device
     backend = _resolve_backend(backend, layout, device)
-    counts = _delta.count_groups(layout.size, d=config.d, seed=config.seed, backend=backend, device=device)
+    spaces: dict[tuple[int, int, int], int] = {}  # (seed, lo, hi) -> size of that index space
+    for target, part in zip(layout.targets, parts, strict=True):
+        key = (part.seed, part.lo, part.hi)
+        spaces[key] = max(spaces.get(key, 0), part.start + target.numel)
+    counts = torch.cat(
+        [
+            _delta.count_groups(size, d=hi - lo, seed=seed, backend=backend, device=device)
+            for (seed, lo, hi), size in sorted(spaces.items(), key=lambda item: item[0][1])
+        ]
+    )
     return layout, group_scales(counts, isometric=config.isometric), backend
 
 
@@ -281,6 +299,7 @@ def _install(
 ) -> nn.Module:
     """Mutate the model (atomically: on any failure it is restored and the error re-raised)."""
     state = GPartState(config, layout, scale, backend=backend, recompute=recompute)
+    parts = segments(layout, d=config.d, seed=config.seed, scope=config.scope)
     state.saved_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     # parametrize re-registers a restored tensor last; remember the order so remove can undo that.
     state.saved_order = {
@@ -297,18 +316,18 @@ def _install(
     with _atomic(model):
         for name in state.saved_class:
             _own_class(model.get_submodule(name))
-        for target in layout.targets:
+        for target, part in zip(layout.targets, parts, strict=True):
             module = model.get_submodule(target.module_name)
             getattr(module, target.param_name).requires_grad_(False)
             parametrize.register_parametrization(
-                module, target.param_name, GPartParametrization(state, target), unsafe=True
+                module, target.param_name, GPartParametrization(state, target, part), unsafe=True
             )
         setattr(model, STATE_ATTR, state)
         if state.recipes is not None:
             for module in _target_modules(model, layout):
                 module.register_forward_pre_hook(state.recipes.enter)
                 module.register_forward_hook(state.recipes.exit, always_call=True)
-        for owner_name, members in packs(model, layout):
+        for owner_name, members in packs(model, layout, parts):
             targets = [layout.targets[i] for i in members]
             pack = Pack(
                 state, [model.get_submodule(t.module_name).parametrizations[t.param_name] for t in targets]
@@ -385,6 +404,7 @@ def apply(
     freeze: bool = True,
     backend: str = "auto",
     recompute: bool = True,
+    scope: str = "global",
 ) -> nn.Module:
     """Make ``model`` GPart-trainable in place: one trainable vector ``theta`` of length ``d``.
 
@@ -410,6 +430,11 @@ def apply(
             a warm compile cache). Same bits either way.
         recompute: rebuild ``W0 + delta`` in backward instead of keeping it alive from forward
             (saves D values of memory per step; costs one more delta pass).
+        scope: ``"global"`` (default): one partition over all targets. ``"block"``: one per
+            transformer block (the authors' ``partition_scope="transformer_block"``): d is split
+            evenly over the numbered blocks holding targets (``layers.3``, ``h.0``, ..., natural
+            order; the first ``d % blocks`` get one more), block k partitioned alone with seed
+            ``seed + k``, owning its own slice of theta.
 
     Returns:
         The same ``model``.
@@ -428,6 +453,7 @@ def apply(
         dropout=dropout,
         init_bound=init_bound,
         trainable=trainable,
+        scope=scope,
     )
     if not isinstance(freeze, bool):
         raise ConfigError(f"freeze={freeze!r}: must be True or False.")

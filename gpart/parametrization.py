@@ -23,7 +23,7 @@ from torch import nn
 from . import _delta
 from .errors import StateError
 from .partition import _hash_base
-from .targets import Layout, Target
+from .targets import Layout, Segment, Target
 
 __all__ = ["GPartConfig", "GPartParametrization", "GPartState", "Pack", "SaveRecipes"]
 
@@ -39,6 +39,7 @@ class GPartConfig:
     dropout: float = 0.0
     init_bound: float = 0.0
     trainable: tuple[str, ...] = ()
+    scope: str = "global"
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -228,20 +229,28 @@ class GPartState(nn.Module):
         self.saved_class: dict[str, type] = {}
         self.packs: list[tuple[nn.Module, Pack]] = []  # (owner module, pack), see gpart.targets.packs
 
-    def recipe(self, w0s, *, start: int, dropout: float, key: int) -> _Recipe:
-        """The recipe of ``W0 + delta`` over the W0s ``w0s`` (one target's, or a pack's) from ``start``."""
+    def recipe(self, w0s, segment: Segment, *, dropout: float, key: int) -> _Recipe:
+        """The recipe of ``W0 + delta`` over the W0s ``w0s`` (one target's, or a pack's), from the
+        position ``segment.start`` of the segment's index space."""
         device = w0s[0].device
+        theta, scale = self.share(segment)
         return _Recipe(
             tuple(w.detach() for w in w0s),
-            self.theta.to(device),
-            self.scale.to(device),
-            start=start,
-            seed=self.config.seed,
+            theta.to(device),
+            scale.to(device),
+            start=segment.start,
+            seed=segment.seed,
             dropout=dropout,
             key=key if dropout > 0.0 else 0,
             backend=self.backend,
             handoff=self.recipes.handoff if self.recipes is not None else None,
         )
+
+    def share(self, segment: Segment) -> tuple[torch.Tensor, torch.Tensor]:
+        """The segment's part of theta and of the scales (all of them in the global scope)."""
+        if (segment.lo, segment.hi) == (0, self.config.d):
+            return self.theta, self.scale
+        return self.theta[segment.lo : segment.hi], self.scale[segment.lo : segment.hi]
 
     def keep_recipe(self, out: torch.Tensor, recipe: _Recipe) -> None:
         """Let backward rebuild ``out`` from ``recipe`` if a target module's forward saves it."""
@@ -438,7 +447,7 @@ class Pack:
             return  # dropout on some members only (biases are never dropped): per target
         if dropout > 0.0 and self.key is None:
             return  # no key drawn in this session (cannot happen through forward): per target
-        recipe = state.recipe(w0s, start=self.start, dropout=dropout, key=self.key)
+        recipe = state.recipe(w0s, self.members[0].segment, dropout=dropout, key=self.key)
         parts = recipe.compute().split(self.sizes)
         grad = torch.is_grad_enabled()
         self.stash = {
@@ -476,19 +485,20 @@ def _draw_key() -> int:
 class GPartParametrization(nn.Module):
     """``W -> W0 + reshape(P theta)[interval]``, registered on one target tensor."""
 
-    def __init__(self, state: GPartState, target: Target) -> None:
+    def __init__(self, state: GPartState, target: Target, segment: Segment) -> None:
         super().__init__()
         # object.__setattr__ keeps the state out of this module's children: theta is registered
         # once, on the root, and found through the state at call time.
         object.__setattr__(self, "state", state)
-        self.start = target.offset
+        self.segment = segment
+        self.start = segment.start
         self.numel = target.numel
         self.droppable = target.param_name != "bias"  # the method never drops bias deltas
         # The hash offset as a tensor, for torch.compile: a constant offset lets Inductor run its
         # value-range analysis through the 64-bit hash with exact huge integers, which takes
         # minutes; a buffer is a runtime input with an unknown range. 8 bytes, not saved.
         self.register_buffer(
-            "hash_base", torch.tensor(_hash_base(state.config.seed, self.start)), persistent=False
+            "hash_base", torch.tensor(_hash_base(segment.seed, self.start)), persistent=False
         )
         self.pack: Pack | None = None  # set by gpart.apply for small targets
         self.index = 0  # position in the pack
@@ -521,10 +531,11 @@ class GPartParametrization(nn.Module):
         state: GPartState = self.state
         if torch.compiler.is_compiling():  # plain ops: traced whole, no graph break, no host sync
             key = torch.randint(0, 1 << 62, (), device=w0.device) if dropout > 0.0 else None
+            theta, scale = state.share(self.segment)
             return _delta.traced(
                 w0,
-                state.theta.to(w0.device),
-                state.scale.to(w0.device, state.theta.dtype),
+                theta.to(w0.device),
+                scale.to(w0.device, theta.dtype),
                 base=self.hash_base,
                 start=self.start,
                 dropout=dropout,
@@ -532,7 +543,7 @@ class GPartParametrization(nn.Module):
             )
         if dropout > 0.0 and key is None:
             key = _draw_key()
-        recipe = state.recipe((w0,), start=self.start, dropout=dropout, key=key)
+        recipe = state.recipe((w0,), self.segment, dropout=dropout, key=key)
         out = recipe.compute()
         state.keep_recipe(out, recipe)
         return out

@@ -67,7 +67,7 @@ _REQUIRED = {
     "assignment_backend": ("stateless", None),
     "projection_type": ("partition", None),
     "grouping_strategy": ("random", None),
-    "partition_scope": ("global", None),
+    "partition_scope": ("global", "transformer_block", None),
 }
 
 
@@ -122,6 +122,12 @@ def _kwargs_from_config(path: Path, raw: object) -> dict:
             "names (or one regex) the adapter was trained with, not a model-type default."
         )
     layers, pattern = raw.get("layers_to_transform"), raw.get("layers_pattern")
+    scope = "block" if raw.get("partition_scope") == "transformer_block" else "global"
+    if scope == "block" and pattern not in (None, [], ""):
+        raise FormatError(
+            f"{where}: layers_pattern={_shown(pattern)} with partition_scope='transformer_block' is not "
+            "supported: gpart finds blocks under the reference's default container names only."
+        )
     if layers not in (None, []) and isinstance(targets, list):  # PEFT ignores them for a regex
         targets = _LayerFilter.parse(where, targets, layers, pattern)
     saved = raw.get("modules_to_save")
@@ -141,6 +147,7 @@ def _kwargs_from_config(path: Path, raw: object) -> dict:
         dropout=raw.get("gpart_dropout", 0.0),
         init_bound=raw.get("init_bound", 0.0),
         trainable=saved or [],
+        scope=scope,
     )
     return {**config.to_dict(), "targets": targets}
 
@@ -417,7 +424,7 @@ def _write_peft(
         "layers_pattern": None,
         "layers_to_transform": None,
         "modules_to_save": list(dict.fromkeys([*config.trainable, *saved_modules])) or None,
-        "partition_scope": "global",
+        "partition_scope": "transformer_block" if config.scope == "block" else "global",
         "peft_type": "GPART",
         "projection_type": "partition",
         "proj_seed": config.seed,

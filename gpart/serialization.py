@@ -139,13 +139,20 @@ def _write(
         "d": str(config.d),
         "seed": str(config.seed),
         "D": str(size),
-        "config": json.dumps(
-            {k: v for k, v in config.to_dict().items() if k not in ("d", "seed")}, sort_keys=True
-        ),
+        "config": json.dumps(_options(config), sort_keys=True),
         "targets": json.dumps(entries, separators=(",", ":")),
     }
     _atomic_save(tensors, metadata, path)
     return path
+
+
+def _options(config: GPartConfig) -> dict:
+    """The ``config`` metadata: every setting but d and seed; ``scope`` only when not global, so
+    that a default adapter stays readable by gpart versions before block scope."""
+    options = {k: v for k, v in config.to_dict().items() if k not in ("d", "seed")}
+    if options["scope"] == "global":
+        del options["scope"]
+    return options
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
@@ -300,9 +307,11 @@ def _parse(path: Path, metadata: dict[str, str]) -> tuple[GPartConfig, list[tupl
         raise FormatError(f"{where} lacks gpart metadata {missing}; the file was edited. Save it again.")
     options = _loads(metadata["config"], f"{where} metadata 'config'")
     keys = {"isometric", "bias", "dropout", "init_bound", "trainable"}
-    if not isinstance(options, dict) or set(options) != keys:
+    if not isinstance(options, dict) or set(options) - {"scope"} != keys:
         found = sorted(options) if isinstance(options, dict) else type(options).__name__
-        raise FormatError(f"{where}: metadata 'config' must hold exactly {sorted(keys)}, found {found}.")
+        raise FormatError(
+            f"{where}: metadata 'config' must hold exactly {sorted(keys)} (and 'scope'), found {found}."
+        )
     if not isinstance(options["trainable"], list):
         raise FormatError(
             f"{where}: 'trainable' must be a list of module names, not {options['trainable']!r}."
@@ -365,7 +374,7 @@ def _layout_differences(
 ) -> list[str]:
     diffs = []
     if model_config is not None:
-        for field in ("d", "seed", "isometric", "bias"):
+        for field in ("d", "seed", "isometric", "bias", "scope"):
             a, b = getattr(config, field), getattr(model_config, field)
             if a != b:
                 diffs.append(f"{field}: file {a!r}, model {b!r}")

@@ -33,7 +33,19 @@ from torch.nn.utils import parametrize
 
 from .errors import TargetError
 
-__all__ = ["PACK_LIMIT", "PACK_TARGET", "Layout", "Target", "TargetSpec", "packs"]
+__all__ = [
+    "BLOCK_CONTAINERS",
+    "PACK_LIMIT",
+    "PACK_TARGET",
+    "Layout",
+    "Segment",
+    "Target",
+    "TargetSpec",
+    "block_of",
+    "natural_key",
+    "packs",
+    "segments",
+]
 
 TargetSpec = str | Sequence[str] | Callable[[str, nn.Module], bool]
 
@@ -264,6 +276,47 @@ def _check_tensors(model: nn.Module, picked: list[tuple[str, nn.Module, str]]) -
             )
 
 
+#: Names of the containers whose numbered children are transformer blocks (``scope="block"``),
+#: as the authors' implementation resolves them: ``encoder.layer.7`` is a block, ``h.0`` too.
+BLOCK_CONTAINERS = ("layers", "layer", "h", "block", "blocks")
+
+
+def block_of(name: str, containers: Sequence[str] = BLOCK_CONTAINERS) -> str | None:
+    """The transformer block holding module ``name``: the prefix through the first
+    ``<container>.<number>`` pair, left to right; None when there is none.
+
+    >>> block_of("roberta.encoder.layer.7.attention.self.query")
+    'roberta.encoder.layer.7'
+    >>> block_of("encoder.layer.3.block.2.q"), block_of("t.blocks.1.q", ["layers"])
+    ('encoder.layer.3', None)
+    """
+    parts = name.split(".")
+    for i in range(len(parts) - 1):
+        if parts[i] in containers and parts[i + 1].isdigit():
+            return ".".join(parts[: i + 2])
+    return None
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that orders ``blocks.2`` before ``blocks.10`` (numbers by value, names by text)."""
+    return tuple((0, int(c), "") if c.isdigit() else (1, 0, c) for c in name.split("."))
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Where one target's entries sit in their partition: which index space, which part of theta.
+
+    The global scope has one index space (``seed``, positions ``offset``, all of theta); the block
+    scope one per transformer block: block k has seed ``seed + k``, positions counted from the
+    block's first entry, and its own slice ``theta[lo:hi]``.
+    """
+
+    seed: int
+    start: int  #: the target's first position in its index space
+    lo: int  #: theta[lo:hi] is the partition's share of theta
+    hi: int
+
+
 #: Targets of at most this many entries are packed (see :func:`packs`): below it a target's
 #: fixed per-call cost outweighs its per-entry work (on a CPU a tensor op costs ~2 us before it
 #: touches an entry; 65,536 entries of hashing cost ~100 us).
@@ -272,19 +325,66 @@ PACK_TARGET = 1 << 16
 PACK_LIMIT = 1 << 20
 
 
-def packs(model: nn.Module, layout: Layout) -> list[tuple[str, list[int]]]:
+def segments(layout: Layout, *, d: int, seed: int, scope: str) -> tuple[Segment, ...]:
+    """Each target's :class:`Segment` for ``scope`` ``"global"`` or ``"block"``.
+
+    Block scope, as the authors' implementation: the blocks holding targets in natural order;
+    block k gets ``d // B`` coordinates, one more for the first ``d % B``; seed ``seed + k``. Raises
+    :class:`TargetError` for a target outside every numbered block and for too small a ``d``.
+    """
+    if scope == "global":
+        return tuple(Segment(seed, t.offset, 0, d) for t in layout.targets)
+    keys = [block_of(t.module_name) for t in layout.targets]
+    outside = [t.name for t, k in zip(layout.targets, keys, strict=True) if k is None]
+    if outside:
+        raise TargetError(
+            f"scope='block': targets {outside[:3]} are not inside a numbered transformer block (a "
+            f"child <number> of a container named {list(BLOCK_CONTAINERS)}). Use scope='global', or "
+            "leave those tensors out of the targets."
+        )
+    blocks = sorted(set(keys), key=natural_key)
+    if d < len(blocks):
+        raise TargetError(
+            f"scope='block' needs at least one coordinate per block, but d={d} and the targets sit in "
+            f"{len(blocks)} blocks. Use d >= {len(blocks)}."
+        )
+    base, extra = divmod(d, len(blocks))
+    widths = [base + (k < extra) for k in range(len(blocks))]
+    los = [sum(widths[:k]) for k in range(len(blocks))]
+    sizes = {b: 0 for b in blocks}
+    out = []
+    for target, key in zip(layout.targets, keys, strict=True):
+        k = blocks.index(key)
+        out.append(Segment(seed + k, sizes[key], los[k], los[k] + widths[k]))
+        sizes[key] += target.numel
+    for k, block in enumerate(blocks):
+        if widths[k] > sizes[block]:
+            raise TargetError(
+                f"scope='block': block {block!r} gets {widths[k]} of d={d} coordinates but holds only "
+                f"{sizes[block]} target entries; every group needs one. Use a smaller d."
+            )
+    return tuple(out)
+
+
+def packs(model: nn.Module, layout: Layout, parts: Sequence[Segment] = ()) -> list[tuple[str, list[int]]]:
     """Groups of small targets whose weights are computed in one call, with the module that owns each.
 
     Runs of consecutive small targets (at most :data:`PACK_TARGET` entries each, at most
-    :data:`PACK_LIMIT` together) in layout order: consecutive targets are adjacent intervals of the
-    index space, so one call covers a run. The owner is the innermost module that contains every
-    member and has a forward of its own (a ``ModuleList`` has none). Returns
+    :data:`PACK_LIMIT` together) in layout order that are adjacent intervals of one index space
+    (``parts``: the targets' segments), so one call covers a run. The owner is the innermost module
+    that contains every member and has a forward of its own (a ``ModuleList`` has none). Returns
     ``[(owner_name, [target positions]), ...]`` for runs of two targets or more.
     """
+    parts = list(parts) or [Segment(0, t.offset, 0, 0) for t in layout.targets]
     runs: list[list[int]] = [[]]
     total = 0
     for i, target in enumerate(layout.targets):
-        if target.numel > PACK_TARGET or total + target.numel > PACK_LIMIT:
+        prev = runs[-1][-1] if runs[-1] else None
+        apart = prev is not None and (
+            (parts[prev].seed, parts[prev].lo) != (parts[i].seed, parts[i].lo)
+            or parts[prev].start + layout.targets[prev].numel != parts[i].start
+        )
+        if target.numel > PACK_TARGET or total + target.numel > PACK_LIMIT or apart:
             runs.append([])
             total = 0
         if target.numel <= PACK_TARGET:

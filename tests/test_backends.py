@@ -196,7 +196,10 @@ def test_large_segment_sums_agree_bit_for_bit(dropout, shape, monkeypatch):
     eager = _delta._eager_segment_sum(grad, *args)
     assert torch.equal(_delta._compiled_segment_sum(grad, *args), eager)
     assert torch.equal(
-        _delta._segment_sum_of_ids(grad, handoff.take(start, key), d, dropout, torch.float32), eager
+        _delta._segment_sum_of_ids(
+            grad, handoff.take(seed, start, grad.numel(), key), d, dropout, torch.float32
+        ),
+        eager,
     )
     monkeypatch.setattr(_delta, "_BACKWARD_CHUNK", 1 << 12)  # compiled, ids regenerated in many calls
     assert torch.equal(_delta._compiled_segment_sum(grad, *args), eager)

@@ -20,13 +20,13 @@ CASES = {case["name"]: case for case in EXPECTED["cases"]}
 #: Cases whose variant gpart implements; the rest must be refused cleanly.
 SUPPORTED = {
     "bias_gpart_only",
+    "block_scope",
+    "block_scope_bias_all",
     "layers_to_transform",
     "conv1d_fan_in_fan_out",
     "conv1d_fan_in_fan_out_bias_all",
 }
 REFUSED = {
-    "block_scope": "partition_scope",
-    "block_scope_bias_all": "partition_scope",
     "block_scope_materialized": "assignment_backend",
     "fastfood": "projection_type",
     "fastfood_anisotropic": "projection_type",
@@ -96,6 +96,15 @@ def test_supported_case_reproduces_the_reference(name, tmp_path):
     assert torch.equal(gpart.theta(model).detach(), theta)
     exported = gpart.save_peft(model, tmp_path / "exported")
     gpart.merge(model)
+    _check_deltas(model, base, case)
+
+    again = _model(case["model"])  # the exported folder reloads to the same model
+    gpart.merge(gpart.load_peft(again, exported))
+    for n, p in again.named_parameters():
+        assert torch.equal(p, model.get_parameter(n)), n
+
+
+def _check_deltas(model: nn.Module, base: dict, case: dict) -> None:
     deltas = {d["name"]: d for d in case["deltas"]}
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, base[n])}
     assert changed == set(deltas)
@@ -105,10 +114,26 @@ def test_supported_case_reproduces_the_reference(name, tmp_path):
         torch.testing.assert_close(delta[: len(expected)], expected, atol=1e-6, rtol=1e-5)
         assert math.isclose(float(delta.square().sum()), ref["sumsq"], rel_tol=1e-5)
 
-    again = _model(case["model"])  # the exported folder reloads to the same model
-    gpart.merge(gpart.load_peft(again, exported))
-    for n, p in again.named_parameters():
-        assert torch.equal(p, model.get_parameter(n)), n
+
+@pytest.mark.parametrize("name", ["block_scope", "block_scope_bias_all", "bias_gpart_only"])
+def test_variant_through_gpart_api(name):
+    """The same case with gpart's own options (not the folder): apply, set theta, merge."""
+    case = CASES[name]
+    options = case["options"]
+    model = _model(case["model"])
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    gpart.apply(
+        model,
+        d=case["d"],
+        seed=case["seed"],
+        targets=case["targets"],
+        bias="all" if options.get("bias", "none") != "none" else "none",
+        scope="block" if options.get("partition_scope") == "transformer_block" else "global",
+    )
+    with torch.no_grad():
+        gpart.theta(model).copy_(torch.sin(0.37 * torch.arange(case["d"], dtype=torch.float64) + 0.1))
+    gpart.merge(model)
+    _check_deltas(model, base, case)
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED))
