@@ -509,6 +509,39 @@ class _Effective(torch.autograd.Function):
         return grad_theta, None, None, None, None, None, None, None, None, None
 
 
+def _stored_table_ids(theta_scaled, ids, n, start, seed, p, key, device):
+    """The gather table and int64 ids for stored ``ids``: dropped entries read a 0 appended at ``d``."""
+    idx = ids.to(device, torch.int64)
+    if p <= 0.0:
+        return theta_scaled, idx
+    _, keep = _eager_hash_keep(start, n, seed, p, key, device)
+    table = torch.cat([theta_scaled * _keep_scale(p), theta_scaled.new_zeros(1)])
+    return table, torch.where(keep, idx, theta_scaled.numel())
+
+
+class _StoredEffective(torch.autograd.Function):
+    """:class:`_Effective` for ids stored at apply (the generator and signed-magnitude assignments):
+    a gather forward, a segment sum backward; the dropout mask still comes from the position hash."""
+
+    @staticmethod
+    def forward(ctx, theta, scale, w0, ids, start, seed, p, key):
+        flat = w0.reshape(-1)
+        table, idx = _stored_table_ids(theta * scale, ids, flat.numel(), start, seed, p, key, w0.device)
+        ctx.save_for_backward(scale)
+        ctx.ids, ctx.args = ids, (start, seed, p, key, theta.dtype)  # ids: the stored buffer itself
+        return _add(flat, torch.index_select(table, 0, idx)).view(w0.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (scale,) = ctx.saved_tensors
+        start, seed, p, key, dtype = ctx.args
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 8
+        d = scale.numel()
+        _, idx = _stored_table_ids(scale, ctx.ids, grad.numel(), start, seed, p, key, grad.device)
+        return _segment_sum_of_ids(grad, idx, d, p, dtype) * scale, *(None,) * 7
+
+
 def effective(
     w0: torch.Tensor,
     theta: torch.Tensor,
@@ -521,14 +554,20 @@ def effective(
     backend: str = "eager",
     chunk: int = DEFAULT_CHUNK,
     handoff: IdsHandoff | None = None,
+    ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``W0 + reshape(P theta)`` over ``[start, start + W0.numel())``, in W0's dtype; differentiable in theta.
 
     ``dropout_key`` selects the dropout mask (ignored when ``dropout == 0``); the same key always
     gives the same mask, which is how backward reproduces it without storing it. ``w0`` never
     receives a gradient (targets are frozen). ``handoff`` lets backward reuse the group ids of a
-    recompute (see :func:`recompute`).
+    recompute (see :func:`recompute`). ``ids``: group ids stored at apply (see
+    :mod:`gpart.assignment`) instead of the hash; ``backend`` is then irrelevant.
     """
+    if ids is not None:
+        return _StoredEffective.apply(
+            theta, scale.to(theta.dtype), w0.detach(), ids, start, seed, dropout, dropout_key
+        )
     return _Effective.apply(
         theta, scale.to(theta.dtype), w0.detach(), start, seed, dropout, dropout_key, backend, chunk, handoff
     )
@@ -545,12 +584,18 @@ def recompute(
     dropout_key: int,
     backend: str,
     handoff: IdsHandoff | None,
+    ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The value of :func:`effective` again (no autograd), handing the group ids to ``handoff``.
 
     The eager kernel hands its ids over only up to :data:`_BACKWARD_CHUNK` entries: beyond that
     the segment sum regenerates them chunk by chunk rather than hold 8 bytes per entry.
     """
+    if ids is not None:
+        with torch.no_grad():
+            return effective(
+                w0, theta, scale, start=start, seed=seed, dropout=dropout, dropout_key=dropout_key, ids=ids
+            )
     forward, _ = _KERNELS[backend]
     hand = handoff is not None and (backend == "compiled" or w0.numel() <= _BACKWARD_CHUNK)
     keep = handoff.put(seed, start, w0.numel(), dropout_key) if hand else None
@@ -577,6 +622,7 @@ def traced(
     start: int,
     dropout: float = 0.0,
     dropout_key: torch.Tensor | None = None,
+    ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`effective` in plain differentiable torch ops, for ``torch.compile`` to trace.
 
@@ -588,6 +634,15 @@ def traced(
     """
     d = theta.numel()
     on = dropout > 0.0
+    if ids is not None:  # stored ids: a gather; the mask, if any, from the position hash
+        part = (theta * scale)[ids.to(torch.int64)]
+        if on:
+            mkey = _mix_(dropout_key + _hash_base(0, 0))
+            _, keep = _fused_ids_keep(
+                w0.numel(), w0.device, base, d, *_mod_constants(d), mkey, _cutoff(dropout), True, _mod_kind(d)
+            )
+            part = torch.where(keep, part * _keep_scale(dropout), 0.0)
+        return _add(w0.detach().reshape(-1), part).view(w0.shape)
     out = _fused_forward(  # the compiled kernel's formula, here differentiated by AOTAutograd
         w0.detach().reshape(-1),
         theta * scale,

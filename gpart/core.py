@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import _delta
+from .assignment import ASSIGNMENTS, compact, generator_ids, signed_magnitude
 from .errors import ConfigError, StateError, TargetError
 from .parametrization import GPartConfig, GPartParametrization, GPartState, Pack
 from .partition import group_scales
@@ -69,6 +70,7 @@ def _make_config(
     init_bound: object,
     trainable: object,
     scope: object = "global",
+    assignment: object = "hash",
 ) -> GPartConfig:
     if not _is_int(d) or int(d) < 1:
         raise ConfigError(
@@ -104,7 +106,19 @@ def _make_config(
             f"scope={scope!r}: unknown partition scope; use 'global' (one partition over all targets) "
             "or 'block' (one per transformer block, d split evenly across the blocks)."
         )
+    if assignment not in ASSIGNMENTS:
+        raise ConfigError(
+            f"assignment={assignment!r}: unknown group assignment; use 'hash' (the default: ids "
+            "hashed from the seed, nothing stored), 'generator' (drawn with a seeded torch "
+            "generator) or 'signed_magnitude' (bins of W0 by sign and magnitude)."
+        )
+    if assignment == "generator" and not -(1 << 63) <= int(seed) < 1 << 64:  # type: ignore[call-overload]
+        raise ConfigError(
+            f"seed={seed}: assignment='generator' seeds a torch.Generator, which takes seeds in "
+            "[-2**63, 2**64). Pass a seed in that range."
+        )
     return GPartConfig(
+        assignment=str(assignment),
         scope=str(scope),
         d=int(d),
         seed=int(seed),
@@ -197,6 +211,12 @@ def _plan(
     first = model.get_parameter(layout.targets[0].name)
     device = torch.device("cpu") if first.device.type == "meta" else first.device
     backend = _resolve_backend(backend, layout, device)
+    stored = _stored_ids(model, layout, parts, config)
+    if stored is not None:
+        counts = torch.zeros(config.d, dtype=torch.int64)
+        for ids, part in zip(stored, parts, strict=True):
+            counts[part.lo : part.hi] += torch.bincount(ids, minlength=part.hi - part.lo)
+        return layout, group_scales(counts.to(device), isometric=config.isometric), backend
     spaces: dict[tuple[int, int, int], int] = {}  # (seed, lo, hi) -> size of that index space
     for target, part in zip(layout.targets, parts, strict=True):
         key = (part.seed, part.lo, part.hi)
@@ -208,6 +228,35 @@ def _plan(
         ]
     )
     return layout, group_scales(counts, isometric=config.isometric), backend
+
+
+def _stored_ids(model: nn.Module, layout: Layout, parts, config: GPartConfig) -> list[torch.Tensor] | None:
+    """Each target's group ids (int64, CPU) for the assignments that store them; None for the hash.
+
+    Deterministic (a seeded generator, or W0), so ``apply`` computes them again to install them.
+    """
+    if config.assignment == "hash":
+        return None
+    spaces: dict[tuple[int, int], list[int]] = {}  # (seed, lo) -> the targets of that partition
+    for i, part in enumerate(parts):
+        spaces.setdefault((part.seed, part.lo), []).append(i)
+    out: list[torch.Tensor] = [torch.empty(0, dtype=torch.int64)] * len(parts)
+    for (seed, lo), members in spaces.items():
+        d = parts[members[0]].hi - lo
+        if config.assignment == "generator":
+            drawn = generator_ids([layout.targets[i].numel for i in members], d=d, seed=seed)
+        else:
+            tensors = [model.get_parameter(layout.targets[i].name) for i in members]
+            if any(t.device.type == "meta" for t in tensors):
+                raise ConfigError(
+                    "assignment='signed_magnitude' groups the pretrained weights by value; this model's "
+                    "targets are on the meta device. Load the weights first."
+                )
+            ids = signed_magnitude(torch.cat([t.detach().reshape(-1).float().cpu() for t in tensors]), d=d)
+            drawn = ids.split([layout.targets[i].numel for i in members])
+        for i, ids in zip(members, drawn, strict=True):
+            out[i] = ids.to(torch.int64)
+    return out
 
 
 def _check_runtime(backend: object, recompute: object) -> None:
@@ -300,6 +349,7 @@ def _install(
     """Mutate the model (atomically: on any failure it is restored and the error re-raised)."""
     state = GPartState(config, layout, scale, backend=backend, recompute=recompute)
     parts = segments(layout, d=config.d, seed=config.seed, scope=config.scope)
+    stored = _stored_ids(model, layout, parts, config)
     state.saved_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     # parametrize re-registers a restored tensor last; remember the order so remove can undo that.
     state.saved_order = {
@@ -316,18 +366,20 @@ def _install(
     with _atomic(model):
         for name in state.saved_class:
             _own_class(model.get_submodule(name))
-        for target, part in zip(layout.targets, parts, strict=True):
+        for i, (target, part) in enumerate(zip(layout.targets, parts, strict=True)):
             module = model.get_submodule(target.module_name)
-            getattr(module, target.param_name).requires_grad_(False)
+            w0 = getattr(module, target.param_name)
+            w0.requires_grad_(False)
+            ids = None if stored is None else compact(stored[i], part.hi - part.lo).to(w0.device)
             parametrize.register_parametrization(
-                module, target.param_name, GPartParametrization(state, target, part), unsafe=True
+                module, target.param_name, GPartParametrization(state, target, part, ids), unsafe=True
             )
         setattr(model, STATE_ATTR, state)
         if state.recipes is not None:
             for module in _target_modules(model, layout):
                 module.register_forward_pre_hook(state.recipes.enter)
                 module.register_forward_hook(state.recipes.exit, always_call=True)
-        for owner_name, members in packs(model, layout, parts):
+        for owner_name, members in packs(model, layout, parts) if stored is None else []:
             targets = [layout.targets[i] for i in members]
             pack = Pack(
                 state, [model.get_submodule(t.module_name).parametrizations[t.param_name] for t in targets]
@@ -405,6 +457,7 @@ def apply(
     backend: str = "auto",
     recompute: bool = True,
     scope: str = "global",
+    assignment: str = "hash",
 ) -> nn.Module:
     """Make ``model`` GPart-trainable in place: one trainable vector ``theta`` of length ``d``.
 
@@ -435,6 +488,11 @@ def apply(
             evenly over the numbered blocks holding targets (``layers.3``, ``h.0``, ..., natural
             order; the first ``d % blocks`` get one more), block k partitioned alone with seed
             ``seed + k``, owning its own slice of theta.
+        assignment: how entries get their group. ``"hash"`` (default): a seeded hash of the
+            position, nothing stored. ``"generator"``: drawn with a seeded ``torch.Generator``
+            (the reference's materialized backend). ``"signed_magnitude"``: bins of W0 by sign
+            and magnitude (seed unused). Both store the ids (2 bytes per entry for d < 32,767,
+            else 4; see :mod:`gpart.assignment`).
 
     Returns:
         The same ``model``.
@@ -454,6 +512,7 @@ def apply(
         init_bound=init_bound,
         trainable=trainable,
         scope=scope,
+        assignment=assignment,
     )
     if not isinstance(freeze, bool):
         raise ConfigError(f"freeze={freeze!r}: must be True or False.")

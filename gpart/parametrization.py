@@ -40,6 +40,7 @@ class GPartConfig:
     init_bound: float = 0.0
     trainable: tuple[str, ...] = ()
     scope: str = "global"
+    assignment: str = "hash"
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -59,6 +60,7 @@ class _Recipe:
         "backend",
         "dropout",
         "handoff",
+        "ids",
         "key",
         "pending",
         "scale",
@@ -70,8 +72,10 @@ class _Recipe:
         "w0s",
     )
 
-    def __init__(self, w0s, theta, scale, *, start, seed, dropout, key, backend, handoff=None) -> None:
-        self.w0s, self.theta, self.scale = w0s, theta, scale
+    def __init__(
+        self, w0s, theta, scale, *, start, seed, dropout, key, backend, handoff=None, ids=None
+    ) -> None:
+        self.w0s, self.theta, self.scale, self.ids = w0s, theta, scale, ids
         self.start, self.seed, self.dropout, self.key, self.backend = start, seed, dropout, key, backend
         self.handoff = handoff
         self.version = theta._version
@@ -91,6 +95,7 @@ class _Recipe:
             "dropout_key": self.key,
             "backend": self.backend,
             "handoff": self.handoff,
+            "ids": self.ids,
         }
 
     def compute(self) -> torch.Tensor:
@@ -229,7 +234,7 @@ class GPartState(nn.Module):
         self.saved_class: dict[str, type] = {}
         self.packs: list[tuple[nn.Module, Pack]] = []  # (owner module, pack), see gpart.targets.packs
 
-    def recipe(self, w0s, segment: Segment, *, dropout: float, key: int) -> _Recipe:
+    def recipe(self, w0s, segment: Segment, *, dropout: float, key: int, ids=None) -> _Recipe:
         """The recipe of ``W0 + delta`` over the W0s ``w0s`` (one target's, or a pack's), from the
         position ``segment.start`` of the segment's index space."""
         device = w0s[0].device
@@ -244,6 +249,7 @@ class GPartState(nn.Module):
             key=key if dropout > 0.0 else 0,
             backend=self.backend,
             handoff=self.recipes.handoff if self.recipes is not None else None,
+            ids=ids,
         )
 
     def share(self, segment: Segment) -> tuple[torch.Tensor, torch.Tensor]:
@@ -485,7 +491,9 @@ def _draw_key() -> int:
 class GPartParametrization(nn.Module):
     """``W -> W0 + reshape(P theta)[interval]``, registered on one target tensor."""
 
-    def __init__(self, state: GPartState, target: Target, segment: Segment) -> None:
+    def __init__(
+        self, state: GPartState, target: Target, segment: Segment, ids: torch.Tensor | None = None
+    ) -> None:
         super().__init__()
         # object.__setattr__ keeps the state out of this module's children: theta is registered
         # once, on the root, and found through the state at call time.
@@ -500,6 +508,8 @@ class GPartParametrization(nn.Module):
         self.register_buffer(
             "hash_base", torch.tensor(_hash_base(segment.seed, self.start)), persistent=False
         )
+        # Group ids drawn or sorted at apply (gpart.assignment); None: hashed on the fly.
+        self.register_buffer("ids", ids, persistent=False)
         self.pack: Pack | None = None  # set by gpart.apply for small targets
         self.index = 0  # position in the pack
 
@@ -540,10 +550,11 @@ class GPartParametrization(nn.Module):
                 start=self.start,
                 dropout=dropout,
                 dropout_key=key,
+                ids=self.ids,
             )
         if dropout > 0.0 and key is None:
             key = _draw_key()
-        recipe = state.recipe((w0,), self.segment, dropout=dropout, key=key)
+        recipe = state.recipe((w0,), self.segment, dropout=dropout, key=key, ids=self.ids)
         out = recipe.compute()
         state.keep_recipe(out, recipe)
         return out

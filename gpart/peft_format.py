@@ -64,9 +64,9 @@ _WRAPPED = ".modules_to_save.default."  # stock PEFT's name for a saved module's
 # Settings that select the algorithm: gpart implements exactly these values (None = absent).
 _REQUIRED = {
     "peft_type": ("GPART",),
-    "assignment_backend": ("stateless", None),
+    "assignment_backend": ("stateless", "materialized", None),
     "projection_type": ("partition", None),
-    "grouping_strategy": ("random", None),
+    "grouping_strategy": ("random", "signed_magnitude", None),
     "partition_scope": ("global", "transformer_block", None),
 }
 
@@ -123,6 +123,19 @@ def _kwargs_from_config(path: Path, raw: object) -> dict:
         )
     layers, pattern = raw.get("layers_to_transform"), raw.get("layers_pattern")
     scope = "block" if raw.get("partition_scope") == "transformer_block" else "global"
+    stored = raw.get("assignment_backend") == "materialized"
+    if raw.get("grouping_strategy") == "signed_magnitude" and not stored:
+        raise FormatError(
+            f"{where}: grouping_strategy='signed_magnitude' needs assignment_backend='materialized' "
+            "(the reference rejects it otherwise); the folder is inconsistent."
+        )
+    assignment = (
+        "signed_magnitude"
+        if raw.get("grouping_strategy") == "signed_magnitude"
+        else "generator"
+        if stored
+        else "hash"
+    )
     if scope == "block" and pattern not in (None, [], ""):
         raise FormatError(
             f"{where}: layers_pattern={_shown(pattern)} with partition_scope='transformer_block' is not "
@@ -148,6 +161,7 @@ def _kwargs_from_config(path: Path, raw: object) -> dict:
         init_bound=raw.get("init_bound", 0.0),
         trainable=saved or [],
         scope=scope,
+        assignment=assignment,
     )
     return {**config.to_dict(), "targets": targets}
 
@@ -410,14 +424,14 @@ def _write_peft(
         ) from None
     saved_modules = list(dict.fromkeys(n.rpartition(".")[0] for n in extras))
     settings = {
-        "assignment_backend": "stateless",
+        "assignment_backend": "stateless" if config.assignment == "hash" else "materialized",
         "auto_mapping": None,
         "base_model_name_or_path": base,
         "bias": config.bias,
         "d": config.d,
         "fan_in_fan_out": fan_in_fan_out,
         "gpart_dropout": config.dropout,
-        "grouping_strategy": "random",
+        "grouping_strategy": "signed_magnitude" if config.assignment == "signed_magnitude" else "random",
         "inference_mode": True,
         "init_bound": config.init_bound,
         "isometric": config.isometric,

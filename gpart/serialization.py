@@ -43,6 +43,7 @@ FORMAT = "gpart"
 #: Version of the file layout described above.
 FORMAT_VERSION = "1"
 _THETA = "theta"
+_OPTIONAL = {"scope": "global", "assignment": "hash"}  # settings written only when not the default
 _EXTRA = "trainable."
 
 
@@ -147,11 +148,12 @@ def _write(
 
 
 def _options(config: GPartConfig) -> dict:
-    """The ``config`` metadata: every setting but d and seed; ``scope`` only when not global, so
-    that a default adapter stays readable by gpart versions before block scope."""
+    """The ``config`` metadata: every setting but d and seed; ``scope`` and ``assignment`` only
+    when not the default, so that a default adapter stays readable by earlier gpart versions."""
     options = {k: v for k, v in config.to_dict().items() if k not in ("d", "seed")}
-    if options["scope"] == "global":
-        del options["scope"]
+    for key, default in _OPTIONAL.items():
+        if options[key] == default:
+            del options[key]
     return options
 
 
@@ -307,10 +309,11 @@ def _parse(path: Path, metadata: dict[str, str]) -> tuple[GPartConfig, list[tupl
         raise FormatError(f"{where} lacks gpart metadata {missing}; the file was edited. Save it again.")
     options = _loads(metadata["config"], f"{where} metadata 'config'")
     keys = {"isometric", "bias", "dropout", "init_bound", "trainable"}
-    if not isinstance(options, dict) or set(options) - {"scope"} != keys:
+    if not isinstance(options, dict) or set(options) - set(_OPTIONAL) != keys:
         found = sorted(options) if isinstance(options, dict) else type(options).__name__
         raise FormatError(
-            f"{where}: metadata 'config' must hold exactly {sorted(keys)} (and 'scope'), found {found}."
+            f"{where}: metadata 'config' must hold exactly {sorted(keys)} (and optionally "
+            f"{sorted(_OPTIONAL)}), found {found}."
         )
     if not isinstance(options["trainable"], list):
         raise FormatError(
@@ -374,7 +377,7 @@ def _layout_differences(
 ) -> list[str]:
     diffs = []
     if model_config is not None:
-        for field in ("d", "seed", "isometric", "bias", "scope"):
+        for field in ("d", "seed", "isometric", "bias", "scope", "assignment"):
             a, b = getattr(config, field), getattr(model_config, field)
             if a != b:
                 diffs.append(f"{field}: file {a!r}, model {b!r}")

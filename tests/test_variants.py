@@ -22,19 +22,19 @@ SUPPORTED = {
     "bias_gpart_only",
     "block_scope",
     "block_scope_bias_all",
+    "block_scope_materialized",
+    "materialized",
+    "materialized_bias_all",
+    "signed_magnitude",
+    "signed_magnitude_not_isometric",
     "layers_to_transform",
     "conv1d_fan_in_fan_out",
     "conv1d_fan_in_fan_out_bias_all",
 }
 REFUSED = {
-    "block_scope_materialized": "assignment_backend",
     "fastfood": "projection_type",
     "fastfood_anisotropic": "projection_type",
     "fastfood_bias_all": "projection_type",
-    "materialized": "assignment_backend",
-    "materialized_bias_all": "assignment_backend",
-    "signed_magnitude": "assignment_backend",
-    "signed_magnitude_not_isometric": "assignment_backend",
 }
 
 
@@ -115,7 +115,19 @@ def _check_deltas(model: nn.Module, base: dict, case: dict) -> None:
         assert math.isclose(float(delta.square().sum()), ref["sumsq"], rel_tol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["block_scope", "block_scope_bias_all", "bias_gpart_only"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "block_scope",
+        "block_scope_bias_all",
+        "bias_gpart_only",
+        "block_scope_materialized",
+        "materialized",
+        "materialized_bias_all",
+        "signed_magnitude",
+        "signed_magnitude_not_isometric",
+    ],
+)
 def test_variant_through_gpart_api(name):
     """The same case with gpart's own options (not the folder): apply, set theta, merge."""
     case = CASES[name]
@@ -129,6 +141,12 @@ def test_variant_through_gpart_api(name):
         targets=case["targets"],
         bias="all" if options.get("bias", "none") != "none" else "none",
         scope="block" if options.get("partition_scope") == "transformer_block" else "global",
+        isometric=options.get("isometric", True),
+        assignment="signed_magnitude"
+        if options.get("grouping_strategy") == "signed_magnitude"
+        else "generator"
+        if options.get("assignment_backend") == "materialized"
+        else "hash",
     )
     with torch.no_grad():
         gpart.theta(model).copy_(torch.sin(0.37 * torch.arange(case["d"], dtype=torch.float64) + 0.1))
