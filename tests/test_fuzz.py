@@ -337,9 +337,23 @@ def _mostly(valid: st.SearchStrategy, invalid: st.SearchStrategy) -> st.SearchSt
     trainable=_mostly(st.sampled_from([(), ["4"], "4"]), st.one_of(_NAMES, st.integers(), st.just(""))),
     freeze=_mostly(st.booleans(), st.sampled_from([None, 1])),
     recompute=_mostly(st.booleans(), st.just("yes")),
+    scope=_mostly(st.sampled_from(["global", "global", "block"]), st.sampled_from(["layer", None])),
+    assignment=_mostly(st.sampled_from(["hash", "hash", "generator", "signed_magnitude"]), st.just("stored")),
 )
 def test_random_apply_arguments(
-    d, seed, targets, target_parameters, bias, isometric, dropout, init_bound, trainable, freeze, recompute
+    d,
+    seed,
+    targets,
+    target_parameters,
+    bias,
+    isometric,
+    dropout,
+    init_bound,
+    trainable,
+    freeze,
+    recompute,
+    scope,
+    assignment,
 ):
     kwargs = dict(
         d=d,
@@ -353,6 +367,8 @@ def test_random_apply_arguments(
         trainable=trainable,
         freeze=freeze,
         recompute=recompute,
+        scope=scope,
+        assignment=assignment,
         backend="eager",
     )
     model = _base()
