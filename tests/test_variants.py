@@ -173,3 +173,20 @@ def test_layer_filter_follows_peft():
     assert keep("q", None)  # an exact name ignores the filter
     named = _LayerFilter(["q"], (0,), ("blocks", "layers"))
     assert named("x.layers.0.q", None) and not named("x.h.0.q", None)
+
+
+@pytest.mark.parametrize(
+    "name", sorted(SUPPORTED - {"conv1d_fan_in_fan_out", "conv1d_fan_in_fan_out_bias_all"})
+)
+def test_convert_round_trips_every_variant(name, tmp_path):
+    """Reference folder -> gpart file -> reference folder: each step loads to the same model."""
+    from gpart.peft_format import _from_gpart_file, _to_gpart_file
+
+    case = CASES[name]
+    expected = gpart.merge(gpart.load_peft(_model(case["model"]), VARIANTS / name))
+    path = _to_gpart_file(VARIANTS / name, _model(case["model"]), tmp_path / "a.safetensors")
+    folder = _from_gpart_file(path, tmp_path / "ref")
+    for loaded in (gpart.load(_model(case["model"]), path), gpart.load_peft(_model(case["model"]), folder)):
+        gpart.merge(loaded)
+        for n, p in loaded.named_parameters():
+            assert torch.equal(p, expected.get_parameter(n)), n
