@@ -302,6 +302,22 @@ def convert_table(res: dict, png: str) -> str:
     return "\n".join(lines)
 
 
+def variants_table(res: dict, png: str) -> str:
+    lines = [
+        "Median training step of each variant against the default partition (global scope, hashed "
+        "ids), side by side in one run; stacks of q,v-targeted linears, AdamW on theta.",
+        "",
+        "| config | D | d | variant | step (ms) | x partition |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        lines.append(
+            f"| {r['config']} | {r['D']:,} | {r['d']:,} | {r['variant']} | {1e3 * r['step_s']:.2f} | "
+            f"{r['x_partition']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 SECTIONS = [
     (
         "step",
@@ -346,6 +362,13 @@ SECTIONS = [
         "bench_apply.png",
     ),
     ("io", "Adapter files", "python benchmarks/bench_io.py", plot_io, "bench_io.png"),
+    (
+        "variants",
+        "Partition variants and Fastfood: step time",
+        "python benchmarks/bench_variants.py",
+        variants_table,
+        None,
+    ),
     (
         "convert",
         "Converting a reference folder (Llama-7B layout, D = 1.07e9)",

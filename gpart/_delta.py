@@ -61,6 +61,8 @@ __all__ = [
     "compiled_available",
     "count_groups",
     "effective",
+    "keep_mask",
+    "keep_mask_traced",
     "materialize",
     "recompute",
     "traced",
@@ -91,6 +93,18 @@ def _eager_hash_keep(start, n, seed, p, key, device):
     """The hashes of ``n`` positions and their keep-mask (None without dropout)."""
     z = _splitmix64(seed, start, n, device)
     return z, (_keep(z, _mask_key(key), _cutoff(p)) if p > 0.0 else None)
+
+
+def keep_mask(start: int, n: int, seed: int, p: float, key: int, device) -> torch.Tensor:
+    """The dropout keep-mask of positions ``[start, start + n)`` for key ``key`` (eager)."""
+    return _eager_hash_keep(start, n, seed, p, key, device)[1]
+
+
+def keep_mask_traced(n: int, base: torch.Tensor, p: float, *, device) -> torch.Tensor:
+    """:func:`keep_mask` in tensor ops with a fresh key drawn on the device, for ``torch.compile``."""
+    key = torch.randint(0, 1 << 62, (), device=device)
+    mkey = _mix_(key + _hash_base(0, 0))
+    return _fused_ids_keep(n, device, base, 1, 1.0, 0.0, mkey, _cutoff(p), True, "pow2")[1]
 
 
 def _eager_forward(w0, table, start, d, seed, p, key, chunk, keep_ids=None):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import _delta
+from . import _delta, fastfood
 from .assignment import ASSIGNMENTS, compact, generator_ids, signed_magnitude
 from .errors import ConfigError, StateError, TargetError
 from .parametrization import GPartConfig, GPartParametrization, GPartState, Pack
@@ -71,6 +71,7 @@ def _make_config(
     trainable: object,
     scope: object = "global",
     assignment: object = "hash",
+    projection: object = "partition",
 ) -> GPartConfig:
     if not _is_int(d) or int(d) < 1:
         raise ConfigError(
@@ -112,12 +113,26 @@ def _make_config(
             "hashed from the seed, nothing stored), 'generator' (drawn with a seeded torch "
             "generator) or 'signed_magnitude' (bins of W0 by sign and magnitude)."
         )
-    if assignment == "generator" and not -(1 << 63) <= int(seed) < 1 << 64:  # type: ignore[call-overload]
+    if projection not in ("partition", "fastfood"):
         raise ConfigError(
-            f"seed={seed}: assignment='generator' seeds a torch.Generator, which takes seeds in "
-            "[-2**63, 2**64). Pass a seed in that range."
+            f"projection={projection!r}: unknown projection; use 'partition' (GPart) or 'fastfood' "
+            "(the dense structured baseline of the intrinsic-dimension method)."
+        )
+    if projection == "fastfood" and (scope != "global" or assignment != "hash"):
+        raise ConfigError(
+            f"projection='fastfood' with scope={scope!r}, assignment={assignment!r}: Fastfood is one "
+            "dense map over all targets, with no groups to assign. Use scope='global', assignment='hash'."
+        )
+    if projection == "fastfood" and not isometric and int(d) < 2:  # type: ignore[call-overload]
+        raise ConfigError("projection='fastfood' with isometric=False needs d >= 2 (its gains span a range).")
+    drawn = assignment == "generator" or projection == "fastfood"
+    if drawn and not -(1 << 63) <= int(seed) < 1 << 64:  # type: ignore[call-overload]
+        raise ConfigError(
+            f"seed={seed}: assignment='generator' and projection='fastfood' seed a torch.Generator, "
+            "which takes seeds in [-2**63, 2**64). Pass a seed in that range."
         )
     return GPartConfig(
+        projection=str(projection),
         assignment=str(assignment),
         scope=str(scope),
         d=int(d),
@@ -211,6 +226,9 @@ def _plan(
     first = model.get_parameter(layout.targets[0].name)
     device = torch.device("cpu") if first.device.type == "meta" else first.device
     backend = _resolve_backend(backend, layout, device)
+    if config.projection == "fastfood":  # no groups: the scales hold the gains (ones if isometric)
+        scale = torch.ones(config.d) if config.isometric else fastfood.gains(config.seed, config.d)
+        return layout, scale.to(device), backend
     stored = _stored_ids(model, layout, parts, config)
     if stored is not None:
         counts = torch.zeros(config.d, dtype=torch.int64)
@@ -350,6 +368,8 @@ def _install(
     state = GPartState(config, layout, scale, backend=backend, recompute=recompute)
     parts = segments(layout, d=config.d, seed=config.seed, scope=config.scope)
     stored = _stored_ids(model, layout, parts, config)
+    if config.projection == "fastfood":
+        state.set_fastfood(*fastfood.draw(config.seed, config.d, layout.size), device=scale.device)
     state.saved_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     # parametrize re-registers a restored tensor last; remember the order so remove can undo that.
     state.saved_order = {
@@ -379,7 +399,8 @@ def _install(
             for module in _target_modules(model, layout):
                 module.register_forward_pre_hook(state.recipes.enter)
                 module.register_forward_hook(state.recipes.exit, always_call=True)
-        for owner_name, members in packs(model, layout, parts) if stored is None else []:
+        plain = stored is None and config.projection == "partition"
+        for owner_name, members in packs(model, layout, parts) if plain else []:
             targets = [layout.targets[i] for i in members]
             pack = Pack(
                 state, [model.get_submodule(t.module_name).parametrizations[t.param_name] for t in targets]
@@ -458,6 +479,7 @@ def apply(
     recompute: bool = True,
     scope: str = "global",
     assignment: str = "hash",
+    projection: str = "partition",
 ) -> nn.Module:
     """Make ``model`` GPart-trainable in place: one trainable vector ``theta`` of length ``d``.
 
@@ -493,6 +515,9 @@ def apply(
             (the reference's materialized backend). ``"signed_magnitude"``: bins of W0 by sign
             and magnitude (seed unused). Both store the ids (2 bytes per entry for d < 32,767,
             else 4; see :mod:`gpart.assignment`).
+        projection: ``"partition"`` (GPart, default) or ``"fastfood"``: the dense structured
+            projection of the intrinsic-dimension baseline (:mod:`gpart.fastfood`); global scope,
+            hash assignment; ``isometric=False`` adds its anisotropic gains.
 
     Returns:
         The same ``model``.
@@ -513,6 +538,7 @@ def apply(
         trainable=trainable,
         scope=scope,
         assignment=assignment,
+        projection=projection,
     )
     if not isinstance(freeze, bool):
         raise ConfigError(f"freeze={freeze!r}: must be True or False.")

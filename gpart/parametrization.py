@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from . import _delta
+from . import _delta, fastfood
 from .errors import StateError
 from .partition import _hash_base
 from .targets import Layout, Segment, Target
@@ -41,6 +41,7 @@ class GPartConfig:
     trainable: tuple[str, ...] = ()
     scope: str = "global"
     assignment: str = "hash"
+    projection: str = "partition"
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -267,12 +268,20 @@ class GPartState(nn.Module):
         """Identity: a container root (``nn.Sequential``) calls its children in turn, this one too."""
         return x
 
+    def set_fastfood(self, signs, gaussians, perms, *, device) -> None:
+        """Keep the Fastfood projection's random state (non-persistent: redrawn from the seed)."""
+        for name, t in (("ff_signs", signs), ("ff_gauss", gaussians), ("ff_perms", perms)):
+            self.register_buffer(name, t.to(device), persistent=False)
+
     def _apply(self, fn, recurse=True):
-        # model.half()/.to(bfloat16) must not lower theta's precision: its updates are tiny.
+        # model.half()/.to(bfloat16) must not lower the precision of theta (its updates are tiny),
+        # the scales or the Fastfood Gaussians: they keep their exact float32 values, moved only.
+        exact = {n: getattr(self, n).data for n in ("theta", "scale", "ff_gauss") if hasattr(self, n)}
         super()._apply(fn, recurse)
-        for t in (self.theta, self.scale):
-            if t.dtype != torch.float32:
-                t.data = t.data.float()
+        for name, before in exact.items():
+            now = getattr(self, name)
+            if now.dtype != torch.float32:
+                now.data = before.to(now.device)
         if self.theta.grad is not None and self.theta.grad.dtype != torch.float32:
             self.theta.grad.data = self.theta.grad.data.float()
         return self
@@ -539,6 +548,8 @@ class GPartParametrization(nn.Module):
         """``W0 + delta`` with the given dropout probability (0 for merging and evaluation) and
         dropout key (None: a fresh one)."""
         state: GPartState = self.state
+        if state.config.projection == "fastfood":
+            return self._fastfood(w0, dropout, key)
         if torch.compiler.is_compiling():  # plain ops: traced whole, no graph break, no host sync
             key = torch.randint(0, 1 << 62, (), device=w0.device) if dropout > 0.0 else None
             theta, scale = state.share(self.segment)
@@ -558,6 +569,30 @@ class GPartParametrization(nn.Module):
         out = recipe.compute()
         state.keep_recipe(out, recipe)
         return out
+
+    def _fastfood(self, w0: torch.Tensor, dropout: float, key: int | None) -> torch.Tensor:
+        """``W0 + delta`` of the Fastfood projection: plain differentiable ops (autograd keeps what
+        backward needs), only the blocks this target's interval touches; the dropout mask from the
+        position hash as in the partition."""
+        state: GPartState = self.state
+        theta = (state.theta * state.scale).to(w0.device)  # the scales hold the gains
+        delta = fastfood.project(
+            theta,
+            state.ff_signs,
+            state.ff_gauss,
+            state.ff_perms,
+            size=state.layout.size,
+            start=self.start,
+            numel=self.numel,
+        )
+        if dropout > 0.0:
+            if torch.compiler.is_compiling():
+                keep = _delta.keep_mask_traced(self.numel, self.hash_base, dropout, device=w0.device)
+            else:
+                key = _draw_key() if key is None else key
+                keep = _delta.keep_mask(self.start, self.numel, self.segment.seed, dropout, key, w0.device)
+            delta = torch.where(keep, delta * _delta._keep_scale(dropout), 0.0)
+        return _delta._add(w0.detach().reshape(-1), delta).view(w0.shape)
 
     def extra_repr(self) -> str:
         return f"start={self.start}, numel={self.numel}"

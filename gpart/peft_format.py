@@ -65,7 +65,7 @@ _WRAPPED = ".modules_to_save.default."  # stock PEFT's name for a saved module's
 _REQUIRED = {
     "peft_type": ("GPART",),
     "assignment_backend": ("stateless", "materialized", None),
-    "projection_type": ("partition", None),
+    "projection_type": ("partition", "fastfood", None),
     "grouping_strategy": ("random", "signed_magnitude", None),
     "partition_scope": ("global", "transformer_block", None),
 }
@@ -161,7 +161,8 @@ def _kwargs_from_config(path: Path, raw: object) -> dict:
         init_bound=raw.get("init_bound", 0.0),
         trainable=saved or [],
         scope=scope,
-        assignment=assignment,
+        assignment="hash" if raw.get("projection_type") == "fastfood" else assignment,
+        projection=raw.get("projection_type") or "partition",
     )
     return {**config.to_dict(), "targets": targets}
 
@@ -440,7 +441,7 @@ def _write_peft(
         "modules_to_save": list(dict.fromkeys([*config.trainable, *saved_modules])) or None,
         "partition_scope": "transformer_block" if config.scope == "block" else "global",
         "peft_type": "GPART",
-        "projection_type": "partition",
+        "projection_type": config.projection,
         "proj_seed": config.seed,
         "revision": None,
         "target_modules": list(dict.fromkeys(target_modules)),

@@ -43,7 +43,11 @@ FORMAT = "gpart"
 #: Version of the file layout described above.
 FORMAT_VERSION = "1"
 _THETA = "theta"
-_OPTIONAL = {"scope": "global", "assignment": "hash"}  # settings written only when not the default
+_OPTIONAL = {
+    "scope": "global",
+    "assignment": "hash",
+    "projection": "partition",
+}  # settings written only when not the default
 _EXTRA = "trainable."
 
 
@@ -148,8 +152,8 @@ def _write(
 
 
 def _options(config: GPartConfig) -> dict:
-    """The ``config`` metadata: every setting but d and seed; ``scope`` and ``assignment`` only
-    when not the default, so that a default adapter stays readable by earlier gpart versions."""
+    """The ``config`` metadata: every setting but d and seed; ``scope``, ``assignment`` and
+    ``projection`` only when not the default, so a default adapter stays readable by earlier gpart."""
     options = {k: v for k, v in config.to_dict().items() if k not in ("d", "seed")}
     for key, default in _OPTIONAL.items():
         if options[key] == default:
@@ -377,7 +381,7 @@ def _layout_differences(
 ) -> list[str]:
     diffs = []
     if model_config is not None:
-        for field in ("d", "seed", "isometric", "bias", "scope", "assignment"):
+        for field in ("d", "seed", "isometric", "bias", "scope", "assignment", "projection"):
             a, b = getattr(config, field), getattr(model_config, field)
             if a != b:
                 diffs.append(f"{field}: file {a!r}, model {b!r}")

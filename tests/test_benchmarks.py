@@ -68,9 +68,22 @@ def test_all_scripts_run_and_plot(bench, tmp_path):
     assert {r["variant"] for r in auto["rows"]} == {"eager", "compiled-cold", "compiled-warm"}
     conv = bench("bench_convert", "--layers", "1", "--d", "64", "--repeats", "1")
     assert conv["D"] == 2 * 4096 * 4096 and conv["convert_s"] < conv["command_s"]
+    var = bench("bench_variants", "--configs", "16x2:8", "--rounds", "1", "--repeats", "1")
+    assert {r["variant"] for r in var["rows"]} >= {"partition", "fastfood", "block scope"}
     bench("plot")
     results = {p.stem for p in (tmp_path / "results").glob("*.json")}
-    assert results == {"step", "partition", "apply", "io", "inference", "bf16", "overhead", "auto", "convert"}
+    assert results == {
+        "step",
+        "partition",
+        "apply",
+        "io",
+        "inference",
+        "bf16",
+        "overhead",
+        "auto",
+        "convert",
+        "variants",
+    }
     apply_row = json.loads((tmp_path / "results" / "apply.json").read_text())["rows"][0]
     # theta and the scales (4 + 4 bytes per group), one 8-byte hash offset per target: nothing D-sized
     assert apply_row["persistent_bytes"] == 8 * apply_row["d"] + 8 * apply_row["targets"]

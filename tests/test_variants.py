@@ -1,6 +1,6 @@
 """The reference's variants (``official_variants``): each case's folder through ``load_peft``, then
-``merge``, against the deltas the reference produced; variants gpart does not implement are
-refused with a :class:`gpart.FormatError` naming the setting, and leave the model unchanged."""
+``merge``, and the same variant through gpart's own options, against the deltas the reference
+produced."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import DATA, assert_unchanged, snapshot
+from conftest import DATA
 from torch import nn
 
 import gpart
@@ -17,7 +17,7 @@ import gpart
 VARIANTS = DATA / "official_variants"
 EXPECTED = json.loads((VARIANTS / "expected.json").read_text())
 CASES = {case["name"]: case for case in EXPECTED["cases"]}
-#: Cases whose variant gpart implements; the rest must be refused cleanly.
+#: Every case: gpart implements every variant of the reference.
 SUPPORTED = {
     "bias_gpart_only",
     "block_scope",
@@ -28,13 +28,11 @@ SUPPORTED = {
     "signed_magnitude",
     "signed_magnitude_not_isometric",
     "layers_to_transform",
+    "fastfood",
+    "fastfood_anisotropic",
+    "fastfood_bias_all",
     "conv1d_fan_in_fan_out",
     "conv1d_fan_in_fan_out_bias_all",
-}
-REFUSED = {
-    "fastfood": "projection_type",
-    "fastfood_anisotropic": "projection_type",
-    "fastfood_bias_all": "projection_type",
 }
 
 
@@ -83,7 +81,7 @@ def test_vendored_variants_match_the_shared_copy():
 
 
 def test_every_case_is_classified():
-    assert set(CASES) == SUPPORTED | set(REFUSED)
+    assert set(CASES) == SUPPORTED
 
 
 @pytest.mark.parametrize("name", sorted(SUPPORTED))
@@ -126,6 +124,9 @@ def _check_deltas(model: nn.Module, base: dict, case: dict) -> None:
         "materialized_bias_all",
         "signed_magnitude",
         "signed_magnitude_not_isometric",
+        "fastfood",
+        "fastfood_anisotropic",
+        "fastfood_bias_all",
     ],
 )
 def test_variant_through_gpart_api(name):
@@ -147,20 +148,12 @@ def test_variant_through_gpart_api(name):
         else "generator"
         if options.get("assignment_backend") == "materialized"
         else "hash",
+        projection=options.get("projection_type", "partition"),
     )
     with torch.no_grad():
         gpart.theta(model).copy_(torch.sin(0.37 * torch.arange(case["d"], dtype=torch.float64) + 0.1))
     gpart.merge(model)
     _check_deltas(model, base, case)
-
-
-@pytest.mark.parametrize("name", sorted(REFUSED))
-def test_unimplemented_variant_is_refused(name):
-    model = _model(CASES[name]["model"])
-    before = snapshot(model)
-    with pytest.raises(gpart.FormatError, match=REFUSED[name]):
-        gpart.load_peft(model, VARIANTS / name)
-    assert_unchanged(model, before)
 
 
 def test_layer_filter_follows_peft():
