@@ -9,12 +9,13 @@ A directory written by the reference implementation's ``save_pretrained`` holds:
 * ``adapter_model.safetensors``: theta as ``base_model.gpart_theta_d`` and the saved modules'
   parameters as ``base_model.model.<qualified name>``.
 
-Both use the partition gpart implements (the "stateless" SplitMix64 assignment), so the same
-settings give the same weights: :func:`load_peft` applies gpart with the directory's settings and
-loads theta and the head. ``layers_to_transform``/``layers_pattern`` select targets as PEFT does,
-and the reference's ``bias="*_only"`` modes partition biases as ``"all"``. Settings gpart does not
-implement (another assignment backend, per-block partitions, ...) raise
-:class:`~gpart.FormatError` instead of loading something else. Dropout masks differ (the
+gpart implements every variant the reference offers (global or block scope; hashed, generator-drawn
+or signed-magnitude ids; the Fastfood projection), so the same settings give the same weights:
+:func:`load_peft` applies gpart with the directory's settings and loads theta and the head.
+``layers_to_transform``/``layers_pattern`` select targets as PEFT does, and the reference's
+``bias="*_only"`` modes partition biases as ``"all"``. Settings gpart does not implement (a
+``layers_pattern`` naming block containers, unknown values) raise :class:`~gpart.FormatError`
+instead of loading something else. Dropout masks differ (the
 reference draws them from torch's RNG, gpart from a hash), which matters only when training
 continues.
 """
