@@ -123,10 +123,10 @@ def _make_config(
             f"projection='fastfood' with scope={scope!r}, assignment={assignment!r}: Fastfood is one "
             "dense map over all targets, with no groups to assign. Use scope='global', assignment='hash'."
         )
-    if projection == "fastfood" and not isometric and int(d) < 2:  # type: ignore[call-overload]
+    if projection == "fastfood" and not isometric and int(d) < 2:
         raise ConfigError("projection='fastfood' with isometric=False needs d >= 2 (its gains span a range).")
     drawn = assignment == "generator" or projection == "fastfood"
-    if drawn and not -(1 << 63) <= int(seed) < 1 << 64:  # type: ignore[call-overload]
+    if drawn and not -(1 << 63) <= int(seed) < 1 << 64:
         raise ConfigError(
             f"seed={seed}: assignment='generator' and projection='fastfood' seed a torch.Generator, "
             "which takes seeds in [-2**63, 2**64). Pass a seed in that range."
@@ -249,7 +249,7 @@ def _plan(
 
 
 def _stored_ids(model: nn.Module, layout: Layout, parts, config: GPartConfig) -> list[torch.Tensor] | None:
-    """Each target's group ids (int64, CPU) for the assignments that store them; None for the hash.
+    """Each target's group ids (int32, CPU) for the assignments that store them; None for the hash.
 
     Deterministic (a seeded generator, or W0), so ``apply`` computes them again to install them.
     """
@@ -258,7 +258,7 @@ def _stored_ids(model: nn.Module, layout: Layout, parts, config: GPartConfig) ->
     spaces: dict[tuple[int, int], list[int]] = {}  # (seed, lo) -> the targets of that partition
     for i, part in enumerate(parts):
         spaces.setdefault((part.seed, part.lo), []).append(i)
-    out: list[torch.Tensor] = [torch.empty(0, dtype=torch.int64)] * len(parts)
+    out: list[torch.Tensor] = [torch.empty(0, dtype=torch.int32)] * len(parts)
     for (seed, lo), members in spaces.items():
         d = parts[members[0]].hi - lo
         if config.assignment == "generator":
@@ -273,7 +273,7 @@ def _stored_ids(model: nn.Module, layout: Layout, parts, config: GPartConfig) ->
             ids = signed_magnitude(torch.cat([t.detach().reshape(-1).float().cpu() for t in tensors]), d=d)
             drawn = ids.split([layout.targets[i].numel for i in members])
         for i, ids in zip(members, drawn, strict=True):
-            out[i] = ids.to(torch.int64)
+            out[i] = ids.to(torch.int32)  # d < 2**31: 4 bytes an entry while planning
     return out
 
 
