@@ -223,10 +223,12 @@ def setup(method: str, model: nn.Module, targets: list[str], d: int) -> list[tor
 
 
 def tensor_bytes(tensors) -> int:
-    """Bytes of distinct storages among ``tensors``."""
+    """Bytes of distinct storages among ``tensors`` (a meta tensor counts what it would hold)."""
     seen = {}
     for t in tensors:
-        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+        if isinstance(t, torch.Tensor) and t.device.type == "meta":
+            seen[("meta", id(t))] = t.numel() * t.element_size()
+        elif isinstance(t, torch.Tensor):
             seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return sum(seen.values())
 

@@ -87,6 +87,12 @@ def test_all_scripts_run_and_plot(bench, tmp_path):
     apply_row = json.loads((tmp_path / "results" / "apply.json").read_text())["rows"][0]
     # theta and the scales (4 + 4 bytes per group), one 8-byte hash offset per target: nothing D-sized
     assert apply_row["persistent_bytes"] == 8 * apply_row["d"] + 8 * apply_row["targets"]
+    by_variant = {
+        r["variant"]: r for r in json.loads((tmp_path / "results" / "apply.json").read_text())["rows"]
+    }
+    assert by_variant["block scope"]["persistent_bytes"] == apply_row["persistent_bytes"]
+    assert by_variant["generator"]["persistent_bytes"] == apply_row["persistent_bytes"] + 2 * apply_row["D"]
+    assert by_variant["fastfood"]["persistent_bytes"] >= apply_row["persistent_bytes"] + 9 * apply_row["D"]
     text = (tmp_path / "docs" / "benchmarks.md").read_text()
     assert "## Training step" in text and (tmp_path / "docs" / "bench_step.png").stat().st_size > 1000
 

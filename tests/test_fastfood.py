@@ -71,7 +71,6 @@ def test_gradient_is_p_transpose_grad_and_dropout_masks_it():
     model = gpart.apply(
         Stack([(4, 4)]), d=6, seed=3, targets=["query"], projection="fastfood", init_bound=0.3
     )
-    signs, gaussians, perms = fastfood.draw(3, 6, 16)
     p = _dense(3, 6, 16, torch.ones(6)).float()
     w = model.layers[0].query.weight
     r = torch.randn(4, 4)
