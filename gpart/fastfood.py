@@ -88,19 +88,19 @@ def project(
     numel: int,
 ) -> torch.Tensor:
     """``delta[start : start + numel]`` of the Fastfood map of ``theta`` (already times the gains),
-    computing only the blocks that interval touches. Differentiable in theta (plain torch ops)."""
-    d = theta.numel()
+    computing only the blocks that interval touches, in theta's dtype (float32: the reference's
+    bits). Differentiable in theta (plain torch ops)."""
+    d, dtype = theta.numel(), theta.dtype
     length = signs.shape[1]
     first, last = start // length, (start + numel - 1) // length
-    u = torch.zeros(length, dtype=torch.float32, device=theta.device)
-    u = torch.cat([theta.float(), u[d:]])
+    u = torch.cat([theta, theta.new_zeros(length - d)])
     rows = slice(first, last + 1)
-    v = u.unsqueeze(0) * signs[rows].to(torch.float32)
+    v = u.unsqueeze(0) * signs[rows].to(dtype)
     v = wht(v)
     v = torch.gather(v, 1, perms[rows].long())
-    v = v * gaussians[rows]
+    v = v * gaussians[rows].to(dtype)
     v = wht(v)
-    c = float(torch.tensor(1.0 / math.sqrt(size * length), dtype=torch.float32))
+    c = float(torch.tensor(1.0 / math.sqrt(size * length), dtype=dtype))  # rounded to theta's dtype
     v = v * c
     offset = start - first * length
     return v.reshape(-1)[offset : offset + numel]

@@ -189,3 +189,25 @@ def test_signed_magnitude_needs_real_weights():
         model = Stack([(4, 4)])
     with pytest.raises(gpart.ConfigError, match="meta device"):
         gpart.apply(model, d=3, seed=0, targets=["query"], assignment="signed_magnitude")
+
+
+@pytest.mark.parametrize("stored", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_gradcheck_in_float64(stored, dropout):
+    """The custom autograd Functions (hashed and stored ids) pass torch's gradcheck, dropout included."""
+    from gpart import _delta
+
+    d, n = 5, 24
+    ids = (
+        torch.randint(0, d, (n,), generator=torch.Generator().manual_seed(0)).to(torch.int16)
+        if stored
+        else None
+    )
+    w0 = torch.randn(4, 6, dtype=torch.float64)
+    scale = torch.rand(d, dtype=torch.float64) + 0.5
+    theta = torch.randn(d, dtype=torch.float64, requires_grad=True)
+
+    def f(t):
+        return _delta.effective(w0, t, scale, start=17, seed=3, dropout=dropout, dropout_key=11, ids=ids)
+
+    assert torch.autograd.gradcheck(f, (theta,))

@@ -116,3 +116,11 @@ def test_bad_fastfood_arguments(kwargs, fragment):
         gpart.apply(model, **{"d": 4, "seed": 0, "targets": ["query"], "projection": "fastfood", **kwargs})
     assert fragment in str(info.value)
     assert_unchanged(model, before)
+
+
+def test_gradcheck_in_float64():
+    signs, gaussians, perms = fastfood.draw(5, 6, 40)
+    theta = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda t: fastfood.project(t, signs, gaussians, perms, size=40, start=5, numel=20), (theta,)
+    )
