@@ -523,14 +523,10 @@ class _Effective(torch.autograd.Function):
         return grad_theta, None, None, None, None, None, None, None, None, None
 
 
-def _stored_table_ids(theta_scaled, ids, n, start, seed, p, key, device):
-    """The gather table and int64 ids for stored ``ids``: dropped entries read a 0 appended at ``d``."""
+def _stored_ids(ids, n, d, start, seed, p, key, device):
+    """Stored ``ids`` as int64, with dropout's dropped entries pointing at slot ``d``."""
     idx = ids.to(device, torch.int64)
-    if p <= 0.0:
-        return theta_scaled, idx
-    _, keep = _eager_hash_keep(start, n, seed, p, key, device)
-    table = torch.cat([theta_scaled * _keep_scale(p), theta_scaled.new_zeros(1)])
-    return table, torch.where(keep, idx, theta_scaled.numel())
+    return idx if p <= 0.0 else torch.where(keep_mask(start, n, seed, p, key, device), idx, d)
 
 
 class _StoredEffective(torch.autograd.Function):
@@ -539,8 +535,10 @@ class _StoredEffective(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, theta, scale, w0, ids, start, seed, p, key):
-        flat = w0.reshape(-1)
-        table, idx = _stored_table_ids(theta * scale, ids, flat.numel(), start, seed, p, key, w0.device)
+        flat, table = w0.reshape(-1), theta * scale
+        idx = _stored_ids(ids, flat.numel(), table.numel(), start, seed, p, key, w0.device)
+        if p > 0.0:  # dropped entries read a 0 appended to the table
+            table = torch.cat([table * _keep_scale(p), table.new_zeros(1)])
         ctx.save_for_backward(scale)
         ctx.ids, ctx.args = ids, (start, seed, p, key, theta.dtype)  # ids: the stored buffer itself
         return _add(flat, torch.index_select(table, 0, idx)).view(w0.shape)
@@ -552,7 +550,7 @@ class _StoredEffective(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return (None,) * 8
         d = scale.numel()
-        _, idx = _stored_table_ids(scale, ctx.ids, grad.numel(), start, seed, p, key, grad.device)
+        idx = _stored_ids(ctx.ids, grad.numel(), d, start, seed, p, key, grad.device)
         return _segment_sum_of_ids(grad, idx, d, p, dtype) * scale, *(None,) * 7
 
 

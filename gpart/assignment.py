@@ -39,9 +39,9 @@ def generator_ids(sizes: list[int], *, d: int, seed: int) -> list[torch.Tensor]:
 def _split(pool: torch.Tensor, mag: torch.Tensor, k: int) -> torch.Tensor:
     """Ids 0..k-1 for the positions ``pool``: contiguous bins of the reference's float32 sort key."""
     n = pool.numel()
-    ids = torch.empty(n, dtype=torch.int64)
     if k > n:  # unreachable when d <= the partition's size
         return torch.arange(n)
+    ids = torch.empty(n, dtype=torch.int64)
     key = mag[pool] * float(n + 1) + pool.to(torch.float32) / float(n + 1)  # float32, this order
     order = torch.sort(key, stable=True).indices
     bounds = [(g * n) // k for g in range(k + 1)]
