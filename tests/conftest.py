@@ -10,6 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+import gpart
+
 DATA = Path(__file__).parent / "data"
 
 # Kernel tests run on every device present; CI has only the CPU, a GPU machine adds "cuda".
@@ -39,6 +41,27 @@ def dense_p(size: int, d: int, seed: int, *, isometric: bool = True) -> torch.Te
     for i, g in enumerate(ids):
         p[i, g] = 1.0 / math.sqrt(counts[g]) if isometric else 1.0
     return p
+
+
+def deltas(model: nn.Module) -> list[torch.Tensor]:
+    """Each gpart target's current ``W - W0`` (differentiable in theta), in layout order."""
+    out = []
+    for t in model.gpart.layout.targets:
+        module = model.get_submodule(t.module_name)
+        out.append(getattr(module, t.param_name) - module.parametrizations[t.param_name].original)
+    return out
+
+
+def columns(model: nn.Module) -> torch.Tensor:
+    """P (D x d, float64) read off an adapted model: column j is the flat delta for theta = e_j."""
+    theta = gpart.theta(model)
+    cols = []
+    for j in range(theta.numel()):
+        with torch.no_grad():
+            theta.zero_()
+            theta[j] = 1.0
+            cols.append(torch.cat([w.reshape(-1).double() for w in deltas(model)]))
+    return torch.stack(cols, dim=1)
 
 
 def golden() -> dict:

@@ -6,31 +6,12 @@ import math
 
 import pytest
 import torch
-from conftest import Stack, assert_unchanged, snapshot
+from conftest import Stack, assert_unchanged, columns, deltas, snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gpart
 from gpart.assignment import compact, generator_ids, signed_magnitude
-
-
-def _weights(model):
-    out = []
-    for t in model.gpart.layout.targets:
-        module = model.get_submodule(t.module_name)
-        out.append(getattr(module, t.param_name) - module.parametrizations[t.param_name].original)
-    return out
-
-
-def _columns(model) -> torch.Tensor:
-    theta = gpart.theta(model)
-    cols = []
-    for j in range(theta.numel()):
-        with torch.no_grad():
-            theta.zero_()
-            theta[j] = 1.0
-            cols.append(torch.cat([w.reshape(-1).double() for w in _weights(model)]))
-    return torch.stack(cols, dim=1)
 
 
 def _dense(ids: torch.Tensor, d: int, isometric: bool) -> torch.Tensor:
@@ -101,7 +82,7 @@ def test_p_is_built_from_the_stored_ids(assignment, isometric):
     else:
         values = [model.get_submodule(t.module_name).parametrizations[t.param_name].original for t in targets]
         ids = signed_magnitude(torch.cat([w.reshape(-1) for w in values]), d=7)
-    p = _columns(model)
+    p = columns(model)
     torch.testing.assert_close(p, _dense(ids, 7, isometric), rtol=0, atol=1e-6)
 
 
@@ -128,10 +109,10 @@ def test_gradient_is_p_transpose_grad_and_recompute_agrees(assignment):
     torch.manual_seed(0)
     model = Stack([(4, 4)] * 2)
     gpart.apply(model, d=6, seed=2, targets=["query", "value"], assignment=assignment, init_bound=0.4)
-    p = _columns(model).float()
+    p = columns(model).float()
     with torch.no_grad():
         gpart.theta(model).uniform_(-0.4, 0.4)
-    weights = _weights(model)
+    weights = deltas(model)
     r = [torch.randn(w.shape) for w in weights]
     sum((w * x).sum() for w, x in zip(weights, r, strict=True)).backward()
     grad_w = torch.cat([x.reshape(-1) for x in r])

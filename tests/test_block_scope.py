@@ -4,31 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import Stack, assert_unchanged, dense_p, snapshot
+from conftest import Stack, assert_unchanged, columns, dense_p, snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import gpart
 from gpart.targets import block_of, natural_key, packs, segments
-
-
-def _columns(model: nn.Module) -> torch.Tensor:
-    """P (D x d) read off the model: column j is the flattened delta for theta = e_j."""
-    theta = gpart.theta(model)
-    state = model.gpart
-    cols = []
-    for j in range(theta.numel()):
-        with torch.no_grad():
-            theta.zero_()
-            theta[j] = 1.0
-            col = []
-            for t in state.layout.targets:
-                module = model.get_submodule(t.module_name)
-                w = getattr(module, t.param_name) - module.parametrizations[t.param_name].original
-                col.append(w.reshape(-1).double())
-        cols.append(torch.cat(col))
-    return torch.stack(cols, dim=1)
 
 
 def _oracle(model: nn.Module, d: int, seed: int, isometric: bool) -> torch.Tensor:
@@ -66,7 +48,7 @@ def test_block_p_is_block_diagonal_against_brute_force(shapes, seed, isometric, 
     sizes = [2 * o * i + (2 * o if bias == "all" else 0) for o, i in shapes]
     d = data.draw(st.integers(len(shapes), len(shapes) * min(sizes)))
     gpart.apply(model, d=d, seed=seed, targets=targets, bias=bias, isometric=isometric, scope="block")
-    p = _columns(model)
+    p = columns(model)
     expected = _oracle(model, d, seed, isometric)
     torch.testing.assert_close(p, expected, rtol=0, atol=1e-6)
     if isometric:  # orthonormal columns where groups are non-empty
@@ -78,7 +60,7 @@ def test_gradient_of_theta_is_p_transpose_grad():
     torch.manual_seed(0)
     model = Stack([(3, 4), (4, 3), (2, 2)])
     gpart.apply(model, d=9, seed=3, targets=["query", "value"], scope="block", init_bound=0.3)
-    p = _columns(model).float()
+    p = columns(model).float()
     with torch.no_grad():
         gpart.theta(model).uniform_(-0.3, 0.3)
     theta = gpart.theta(model)

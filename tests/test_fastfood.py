@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import Stack, assert_unchanged, snapshot
+from conftest import Stack, assert_unchanged, columns, snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -46,22 +46,7 @@ def test_structured_map_equals_its_dense_matrix(shapes, seed, isometric, data):
     size = 2 * sum(o * i for o, i in shapes)
     d = data.draw(st.integers(2, size))
     gpart.apply(model, d=d, seed=seed, targets=["query", "value"], projection="fastfood", isometric=isometric)
-    theta = gpart.theta(model)
-    cols = []
-    for j in range(d):
-        with torch.no_grad():
-            theta.zero_()
-            theta[j] = 1.0
-            parts = []
-            for t in model.gpart.layout.targets:
-                module = model.get_submodule(t.module_name)
-                parts.append(
-                    (getattr(module, t.param_name) - module.parametrizations[t.param_name].original).reshape(
-                        -1
-                    )
-                )
-        cols.append(torch.cat(parts).double())
-    p = torch.stack(cols, 1)
+    p = columns(model)
     gains = torch.ones(d) if isometric else fastfood.gains(seed, d)
     torch.testing.assert_close(p, _dense(seed, d, size, gains), rtol=1e-4, atol=1e-6)
 
