@@ -12,7 +12,7 @@ theta: 32 | other trainable: 34 | trainable: 66 of 338 (19.5266%)
 """
 
 from ._version import __version__
-from .core import Summary, apply, cached, disabled, merge, remove, summary, theta
+from .core import Summary, adapters, apply, cached, disabled, merge, remove, set_active, summary, theta
 from .errors import ConfigError, FormatError, GPartError, LayoutError, StateError, TargetError
 from .peft_format import load_peft, read_peft, save_peft
 from .serialization import load, read, save
@@ -26,6 +26,7 @@ __all__ = [
     "Summary",
     "TargetError",
     "__version__",
+    "adapters",
     "apply",
     "cached",
     "disabled",
@@ -37,6 +38,7 @@ __all__ = [
     "remove",
     "save",
     "save_peft",
+    "set_active",
     "summary",
     "theta",
 ]

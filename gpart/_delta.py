@@ -520,7 +520,9 @@ class _Effective(torch.autograd.Function):
                 grad_theta = segment_sum(grad, start, d, seed, p, key, chunk, dtype) * scale
             else:  # handed over by the recompute of this very weight: no second hash pass
                 grad_theta = _segment_sum_of_ids(grad, ids, d, p, dtype) * scale
-        return grad_theta, None, None, None, None, None, None, None, None, None
+        # d(W0 + delta)/dW0 = I: W0 needs a gradient only as another adapter's output (a chain)
+        grad_w0 = grad if ctx.needs_input_grad[2] else None
+        return grad_theta, None, grad_w0, None, None, None, None, None, None, None
 
 
 def _stored_ids(ids, n, d, start, seed, p, key, device):
@@ -547,11 +549,12 @@ class _StoredEffective(torch.autograd.Function):
     def backward(ctx, grad):
         (scale,) = ctx.saved_tensors
         start, seed, p, key, dtype = ctx.args
-        if not ctx.needs_input_grad[0]:
-            return (None,) * 8
-        d = scale.numel()
-        idx = _stored_ids(ctx.ids, grad.numel(), d, start, seed, p, key, grad.device)
-        return _segment_sum_of_ids(grad, idx, d, p, dtype) * scale, *(None,) * 7
+        grad_theta, grad_w0 = None, grad if ctx.needs_input_grad[2] else None
+        if ctx.needs_input_grad[0]:
+            d = scale.numel()
+            idx = _stored_ids(ctx.ids, grad.numel(), d, start, seed, p, key, grad.device)
+            grad_theta = _segment_sum_of_ids(grad, idx, d, p, dtype) * scale
+        return grad_theta, None, grad_w0, *(None,) * 5
 
 
 def effective(
@@ -571,17 +574,18 @@ def effective(
     """``W0 + reshape(P theta)`` over ``[start, start + W0.numel())``, in W0's dtype; differentiable in theta.
 
     ``dropout_key`` selects the dropout mask (ignored when ``dropout == 0``); the same key always
-    gives the same mask, which is how backward reproduces it without storing it. ``w0`` never
-    receives a gradient (targets are frozen). ``handoff`` lets backward reuse the group ids of a
-    recompute (see :func:`recompute`). ``ids``: group ids stored at apply (see
+    gives the same mask, which is how backward reproduces it without storing it. A frozen ``w0``
+    gets no gradient; one that requires it (another adapter's output, when several adapters are
+    stacked on a tensor) gets the incoming gradient unchanged. ``handoff`` lets backward reuse the
+    group ids of a recompute (see :func:`recompute`). ``ids``: group ids stored at apply (see
     :mod:`gpart.assignment`) instead of the hash; ``backend`` is then irrelevant.
     """
     if ids is not None:
         return _StoredEffective.apply(
-            theta, scale.to(theta.dtype), w0.detach(), ids, start, seed, dropout, dropout_key
+            theta, scale.to(theta.dtype), w0, ids, start, seed, dropout, dropout_key
         )
     return _Effective.apply(
-        theta, scale.to(theta.dtype), w0.detach(), start, seed, dropout, dropout_key, backend, chunk, handoff
+        theta, scale.to(theta.dtype), w0, start, seed, dropout, dropout_key, backend, chunk, handoff
     )
 
 
@@ -654,9 +658,9 @@ def traced(
                 w0.numel(), w0.device, base, d, *_mod_constants(d), mkey, _cutoff(dropout), True, _mod_kind(d)
             )
             part = torch.where(keep, part * _keep_scale(dropout), 0.0)
-        return _add(w0.detach().reshape(-1), part).view(w0.shape)
+        return _add(w0.reshape(-1), part).view(w0.shape)
     out = _fused_forward(  # the compiled kernel's formula, here differentiated by AOTAutograd
-        w0.detach().reshape(-1),
+        w0.reshape(-1),
         theta * scale,
         base,
         d,

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -19,13 +20,27 @@ from . import _delta, fastfood
 from .assignment import ASSIGNMENTS, compact, generator_ids, signed_magnitude
 from .errors import ConfigError, StateError, TargetError
 from .parametrization import GPartConfig, GPartParametrization, GPartState, Pack
-from .partition import group_scales
-from .targets import Layout, TargetSpec, _hint, _name_matches, packs, resolve, segments
+from .partition import _hash_base, group_scales
+from .targets import Layout, Target, TargetSpec, _hint, _name_matches, packs, resolve, segments
 
-__all__ = ["Summary", "apply", "cached", "disabled", "merge", "remove", "summary", "theta"]
+__all__ = [
+    "Summary",
+    "adapters",
+    "apply",
+    "cached",
+    "disabled",
+    "merge",
+    "remove",
+    "set_active",
+    "summary",
+    "theta",
+]
 
-#: Attribute of the root model that holds the :class:`GPartState`.
+#: Attribute of the root model that holds the default adapter's :class:`GPartState`; an adapter
+#: named ``x`` lives at ``gpart_x``.
 STATE_ATTR = "gpart"
+#: The name of the adapter that every verb uses unless given ``name=``.
+DEFAULT = "default"
 #: ``backend="auto"`` compiles the delta kernels from this many target entries on, or from
 #: :data:`AUTO_COMPILE_SIZE_WARM` on when the compile cache already holds them (see
 #: :func:`gpart._delta.compile_cache_warm`). Below, a run of a few hundred steps spends more on
@@ -145,21 +160,77 @@ def _make_config(
     )
 
 
-def _find_state(model: nn.Module) -> GPartState | None:
-    state = getattr(model, STATE_ATTR, None) if isinstance(model, nn.Module) else None
-    return state if isinstance(state, GPartState) else None
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
-def _state(model: nn.Module) -> GPartState:
+def _check_name(name: object) -> str:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ConfigError(
+            f"name={name!r}: an adapter name is a Python identifier of at most 64 characters "
+            "(letters, digits, '_'), e.g. 'task_a'."
+        )
+    return name
+
+
+def _attr(name: str) -> str:
+    """The root attribute holding adapter ``name``: ``gpart`` for the default one, ``gpart_<name>``."""
+    return STATE_ATTR if name == DEFAULT else f"{STATE_ATTR}_{name}"
+
+
+def _states(model: nn.Module) -> dict[str, GPartState]:
+    """Every adapter of ``model`` by name, in the order they were applied."""
+    found = model._modules.items() if isinstance(model, nn.Module) else ()
+    return {m.name: m for a, m in found if isinstance(m, GPartState) and a == _attr(m.name)}
+
+
+def _find_state(model: nn.Module, name: str = DEFAULT) -> GPartState | None:
+    return _states(model).get(name)
+
+
+def _state(model: nn.Module, name: object = DEFAULT) -> GPartState:
     if not isinstance(model, nn.Module):
         raise ConfigError(f"expected a torch.nn.Module, got {type(model).__name__}.")
-    state = _find_state(model)
-    if state is None:
+    name = _check_name(name)
+    states = _states(model)
+    if name not in states:
+        if states:
+            raise StateError(
+                f"{type(model).__name__} has no gpart adapter named {name!r}; its adapters are "
+                f"{list(states)}. Pass name= one of them."
+            )
         raise StateError(
             f"{type(model).__name__} has no gpart adapter (no '{STATE_ATTR}' state module); "
             "call gpart.apply(model, d=..., seed=...) or gpart.load(model, path) first."
         )
-    return state
+    return states[name]
+
+
+@dataclass(frozen=True)
+class _Host:
+    """What the model was like before gpart touched it, shared by all its adapters.
+
+    ``flags``: every parameter's ``requires_grad`` before the first adapter (restored when the last
+    one goes); ``order``: a module's parameter order before gpart first parametrized one of its
+    tensors (parametrize re-registers a restored tensor last); ``classes``: the class of a module
+    that carried another parametrization before gpart (torch restores a plain module's class
+    itself; these get their very class object back). Replaced, never mutated, so that a verb's
+    transaction restores it with the states' attributes.
+    """
+
+    flags: dict[str, bool]
+    order: dict[str, list[str]]
+    classes: dict[str, type]
+
+
+def _gpart_tensors(module: nn.Module) -> list[str]:
+    """The tensors of ``module`` that carry a gpart parametrization (of any adapter)."""
+    if not parametrize.is_parametrized(module):
+        return []
+    return [
+        n
+        for n, plist in module.parametrizations.items()
+        if any(isinstance(p, GPartParametrization) for p in plist)
+    ]
 
 
 def _plan(
@@ -171,6 +242,7 @@ def _plan(
     exact: Sequence[str] | None = None,
     backend: str = "auto",
     scales: bool = True,
+    name: str = DEFAULT,
 ) -> tuple[Layout, torch.Tensor | None, str]:
     """All checks and all computation of ``apply``, without touching the model.
 
@@ -179,19 +251,22 @@ def _plan(
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"expected a torch.nn.Module, got {type(model).__name__}.")
-    if _find_state(model) is not None:
+    name = _check_name(name)
+    states = _states(model)
+    if name in states:
+        again = "gpart.remove(model)" if name == DEFAULT else f"gpart.remove(model, name={name!r})"
         raise StateError(
-            f"gpart is already applied to this {type(model).__name__}; applying twice would stack "
-            "two partitions. Call gpart.remove(model) or gpart.merge(model) first."
+            f"gpart is already applied to this {type(model).__name__} as the adapter {name!r}. Pass "
+            f"another name= to add a second adapter, or call {again} first."
         )
-    if hasattr(model, STATE_ATTR):
+    if hasattr(model, _attr(name)):
         raise StateError(
-            f"{type(model).__name__} already has an attribute {STATE_ATTR!r}; gpart stores its "
-            "state there. Rename that attribute."
+            f"{type(model).__name__} already has an attribute {_attr(name)!r}; gpart stores the "
+            f"adapter {name!r} there. Rename that attribute or pick another adapter name."
         )
     if not (targets is None or isinstance(targets, str) or callable(targets)):
         _names(targets, "targets")
-    module_names = [n for n, _ in model.named_modules()]
+    module_names = [n for n, _ in model.named_modules() if n.split(".")[0] not in map(_attr, states)]
     for name in config.trainable:
         if not any(_name_matches(m, (name,)) for m in module_names):
             raise TargetError(
@@ -199,17 +274,18 @@ def _plan(
                 f"dotted suffix); {_hint([name], module_names)}."
             )
     trainable_modules = [m for m in module_names if _name_matches(m, config.trainable)]
+    host = next(iter(states.values())).host if states else None
     layout = resolve(
         model,
         targets=targets,
         target_parameters=_names(target_parameters, "target_parameters"),
         bias=config.bias,
-        exclude=trainable_modules,
+        exclude=[*trainable_modules, *map(_attr, states)],
         exact=exact,
+        stacked={t.name for s in states.values() for t in s.layout.targets},
+        orders=host.order if host is not None else {},
     )
-    sharded = [
-        t.name for t in layout.targets if callable(getattr(model.get_parameter(t.name), "full_tensor", None))
-    ]
+    sharded = [t.name for t in layout.targets if callable(getattr(_w0(model, t), "full_tensor", None))]
     if sharded:
         raise StateError(
             f"target {sharded[0]!r} is already sharded (an FSDP2 DTensor); the partition runs over the "
@@ -223,18 +299,25 @@ def _plan(
         )
     if not scales:
         return layout, None, backend
-    first = model.get_parameter(layout.targets[0].name)
+    first = _w0(model, layout.targets[0])
     device = torch.device("cpu") if first.device.type == "meta" else first.device
     backend = _resolve_backend(backend, layout, device)
+    return layout, _scales(model, layout, parts, config, backend=backend, device=device), backend
+
+
+def _scales(
+    model: nn.Module, layout: Layout, parts, config: GPartConfig, *, backend: str, device
+) -> torch.Tensor:
+    """The per-group scales ``1/sqrt(n_j)`` (ones without isometry); the Fastfood gains instead."""
     if config.projection == "fastfood":  # no groups: the scales hold the gains (ones if isometric)
         scale = torch.ones(config.d) if config.isometric else fastfood.gains(config.seed, config.d)
-        return layout, scale.to(device), backend
+        return scale.to(device)
     stored = _stored_ids(model, layout, parts, config)
     if stored is not None:
         counts = torch.zeros(config.d, dtype=torch.int64)
         for ids, part in zip(stored, parts, strict=True):
             counts[part.lo : part.hi] += torch.bincount(ids, minlength=part.hi - part.lo)
-        return layout, group_scales(counts.to(device), isometric=config.isometric), backend
+        return group_scales(counts.to(device), isometric=config.isometric)
     spaces: dict[tuple[int, int, int], int] = {}  # (seed, lo, hi) -> size of that index space
     for target, part in zip(layout.targets, parts, strict=True):
         key = (part.seed, part.lo, part.hi)
@@ -245,7 +328,53 @@ def _plan(
             for (seed, lo, hi), size in sorted(spaces.items(), key=lambda item: item[0][1])
         ]
     )
-    return layout, group_scales(counts, isometric=config.isometric), backend
+    return group_scales(counts, isometric=config.isometric)
+
+
+#: The settings an adapter can change in place (:func:`_plan_swap`): the partition is the
+#: position hash, whose seed and d are runtime values of every kernel.
+SWAPPABLE = ("d", "seed")
+
+
+def _plan_swap(model: nn.Module, state: GPartState, config: GPartConfig):
+    """Checks and values to give the adapter ``state`` another seed and d in place (a hot swap).
+
+    Returns ``(segments, scales, hash bases)``: everything :func:`_swap` writes. The group
+    counts are recounted (one pass over the index space); nothing is registered again.
+    """
+    if state.config.projection != "partition" or state.config.assignment != "hash":
+        raise StateError(
+            f"adapter {state.name!r} uses projection={state.config.projection!r}, "
+            f"assignment={state.config.assignment!r}; only the hashed partition takes another seed or d "
+            "in place. Remove the adapter and load the file again."
+        )
+    if config.d != state.config.d and callable(getattr(state.theta, "full_tensor", None)):
+        raise StateError(
+            f"adapter {state.name!r} is sharded (FSDP2); theta cannot change length (d {state.config.d} -> "
+            f"{config.d}) on a sharded model. Load it before fully_shard."
+        )
+    parts = segments(state.layout, d=config.d, seed=config.seed, scope=config.scope)
+    device = state.scale.device
+    scale = _scales(model, state.layout, parts, config, backend=state.backend, device=device)
+    bases = [torch.tensor(_hash_base(part.seed, part.start), device=device) for part in parts]
+    return parts, scale, bases
+
+
+def _swap(state: GPartState, entries, config: GPartConfig, planned) -> None:
+    """Write what :func:`_plan_swap` computed: in place wherever the sizes allow (no tensor that a
+    compiled graph holds is replaced when d is unchanged), so nothing recompiles. With another d,
+    theta and the scales are new tensors."""
+    parts, scale, bases = planned
+    with torch.no_grad():
+        if scale.numel() == state.scale.numel():
+            state.scale.copy_(scale)
+        else:  # a new theta: a graph still alive may hold the old one's gradient accumulator
+            state.scale = scale
+            state.theta = nn.Parameter(state.theta.new_zeros(config.d), state.theta.requires_grad)
+        for (_, _, p), part, base in zip(entries, parts, bases, strict=True):
+            p.segment, p.start = part, part.start
+            p.hash_base.copy_(base)
+    state.config = replace(state.config, d=config.d, seed=config.seed)
 
 
 def _stored_ids(model: nn.Module, layout: Layout, parts, config: GPartConfig) -> list[torch.Tensor] | None:
@@ -264,7 +393,7 @@ def _stored_ids(model: nn.Module, layout: Layout, parts, config: GPartConfig) ->
         if config.assignment == "generator":
             drawn = generator_ids([layout.targets[i].numel for i in members], d=d, seed=seed)
         else:
-            tensors = [model.get_parameter(layout.targets[i].name) for i in members]
+            tensors = [_w0(model, layout.targets[i]) for i in members]
             if any(t.device.type == "meta" for t in tensors):
                 raise ConfigError(
                     "assignment='signed_magnitude' groups the pretrained weights by value; this model's "
@@ -275,6 +404,14 @@ def _stored_ids(model: nn.Module, layout: Layout, parts, config: GPartConfig) ->
         for i, ids in zip(members, drawn, strict=True):
             out[i] = ids.to(torch.int32)  # d < 2**31: 4 bytes an entry while planning
     return out
+
+
+def _w0(model: nn.Module, target: Target) -> torch.Tensor:
+    """A target's pretrained tensor, also when adapters already parametrize it."""
+    module = model.get_submodule(target.module_name)
+    if parametrize.is_parametrized(module, target.param_name):
+        return module.parametrizations[target.param_name].original
+    return getattr(module, target.param_name)
 
 
 def _check_runtime(backend: object, recompute: object) -> None:
@@ -363,55 +500,70 @@ def _install(
     freeze: bool,
     backend: str = "eager",
     recompute: bool = True,
+    name: str = DEFAULT,
 ) -> nn.Module:
-    """Mutate the model (atomically: on any failure it is restored and the error re-raised)."""
-    state = GPartState(config, layout, scale, backend=backend, recompute=recompute)
+    """Mutate the model (atomically: on any failure it is restored and the error re-raised).
+
+    The new adapter becomes the only active one; on a tensor that other adapters parametrize
+    already, its parametrization comes after theirs (adding its delta to their output).
+    """
+    state = GPartState(config, layout, scale, backend=backend, recompute=recompute, name=name)
     parts = segments(layout, d=config.d, seed=config.seed, scope=config.scope)
     stored = _stored_ids(model, layout, parts, config)
     if config.projection == "fastfood":
         state.set_fastfood(*fastfood.draw(config.seed, config.d, layout.size), device=scale.device)
-    state.saved_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    # parametrize re-registers a restored tensor last; remember the order so remove can undo that.
-    state.saved_order = {
-        t.module_name: list(model.get_submodule(t.module_name)._parameters) for t in layout.targets
-    }
+    others = _states(model)
+    host = next(iter(others.values())).host if others else None
+    modules = {t.module_name: model.get_submodule(t.module_name) for t in layout.targets}
+    fresh = {n: m for n, m in modules.items() if not _gpart_tensors(m)}  # no adapter on them yet
+    state.host = _Host(
+        flags=host.flags if host else {n: p.requires_grad for n, p in model.named_parameters()},
+        order={**(host.order if host else {}), **{n: list(m._parameters) for n, m in fresh.items()}},
+        classes={
+            **(host.classes if host else {}),
+            **{n: type(m) for n, m in fresh.items() if parametrize.is_parametrized(m)},
+        },
+    )
     trainable = [m for n, m in model.named_modules() if _name_matches(n, config.trainable)]
-    # torch would add gpart's properties to the class another parametrization made (shared by
-    # copies of the model); a private class keeps that one untouched, and remove puts it back.
-    state.saved_class = {
-        name: type(model.get_submodule(name))
-        for name in state.saved_order
-        if parametrize.is_parametrized(model.get_submodule(name))
-    }
     with _atomic(model):
-        for name in state.saved_class:
-            _own_class(model.get_submodule(name))
+        for module in modules.values():
+            # torch would add gpart's properties to a class that copies of the model share (one
+            # another parametrization made, or the one of another copy): a private class instead.
+            if parametrize.is_parametrized(module):
+                _own_class(module)
         for i, (target, part) in enumerate(zip(layout.targets, parts, strict=True)):
-            module = model.get_submodule(target.module_name)
-            w0 = getattr(module, target.param_name)
+            module = modules[target.module_name]
+            w0 = _w0(model, target)
             w0.requires_grad_(False)
             ids = None if stored is None else compact(stored[i], part.hi - part.lo).to(w0.device)
             parametrize.register_parametrization(
                 module, target.param_name, GPartParametrization(state, target, part, ids), unsafe=True
             )
-        setattr(model, STATE_ATTR, state)
+        setattr(model, _attr(name), state)
+        for other in others.values():
+            other.host = state.host
+            other.active = False
+            other.theta.requires_grad_(False)
         if state.recipes is not None:
             for module in _target_modules(model, layout):
                 module.register_forward_pre_hook(state.recipes.enter)
                 module.register_forward_hook(state.recipes.exit, always_call=True)
         plain = stored is None and config.projection == "partition"
         for owner_name, members in packs(model, layout, parts) if plain else []:
-            targets = [layout.targets[i] for i in members]
-            pack = Pack(
-                state, [model.get_submodule(t.module_name).parametrizations[t.param_name] for t in targets]
-            )
+            plists = [
+                modules[layout.targets[i].module_name].parametrizations[layout.targets[i].param_name]
+                for i in members
+            ]
+            if any(len(plist) > 1 for plist in plists):
+                continue  # a pack reads W0 itself: not after another adapter's delta
+            pack = Pack(state, plists)
             owner = model.get_submodule(owner_name)
             owner.register_forward_pre_hook(pack.open)
             owner.register_forward_hook(pack.close, always_call=True)
             state.packs.append((owner, pack))
         if freeze:
-            for name, p in model.named_parameters():
-                if name != f"{STATE_ATTR}.theta":
+            for pname, p in model.named_parameters():
+                if pname != f"{_attr(name)}.theta":
                     p.requires_grad_(False)
         for module in trainable:
             module.requires_grad_(True)
@@ -438,27 +590,54 @@ def _own_class(module: nn.Module) -> None:
     module.__class__ = type(cls.__name__, cls.__bases__, namespace)
 
 
-def _uninstall(model: nn.Module, state: GPartState, done: list[tuple[nn.Module, str]]) -> None:
-    """Undo :func:`_install` for the given (module, tensor name) pairs; the caller makes it atomic."""
+def _uninstall(
+    model: nn.Module, state: GPartState, entries: list[tuple[nn.Module, str, GPartParametrization]]
+) -> None:
+    """Undo :func:`_install` of one adapter (the caller makes it atomic); the others stay.
+
+    A module no adapter parametrizes any more gets back its parameter order and, if it carried
+    another parametrization before gpart, its class object. When the last adapter goes, every
+    ``requires_grad`` flag is restored as it was before the first.
+    """
     if state.recipes is not None:
-        for module, _ in done:
+        for module, _, _ in entries:
             _remove_hooks(module, state.recipes)
     for owner, pack in state.packs:
         _remove_hooks(owner, pack)
-    for module in {id(m): m for m, _ in done}.values():
+    for module in {id(m): m for m, _, _ in entries}.values():
         _own_class(module)
-    for module, pname in reversed(done):
-        parametrize.remove_parametrizations(module, pname, leave_parametrized=False)
-    for name, cls in state.saved_class.items():
-        model.get_submodule(name).__class__ = cls
-    for name, order in state.saved_order.items():
-        params = model.get_submodule(name)._parameters
-        params.update({k: params.pop(k) for k in order if k in params})
-    if _find_state(model) is state:
-        delattr(model, STATE_ATTR)
-    for name, p in model.named_parameters():
-        if name in state.saved_requires_grad:
-            p.requires_grad_(state.saved_requires_grad[name])
+    for module, pname, p in reversed(entries):
+        plist = module.parametrizations[pname]
+        if len(plist) > 1:  # other adapters on this tensor: drop this one from the chain
+            del plist[next(i for i, q in enumerate(plist) if q is p)]
+        else:
+            parametrize.remove_parametrizations(module, pname, leave_parametrized=False)
+    host = state.host
+    freed = [
+        name
+        for name in dict.fromkeys(t.module_name for t in state.layout.targets)
+        if not _gpart_tensors(model.get_submodule(name))
+    ]
+    for name in freed:
+        module = model.get_submodule(name)
+        if name in host.classes:
+            module.__class__ = host.classes[name]
+        params = module._parameters
+        params.update({k: params.pop(k) for k in host.order.get(name, ()) if k in params})
+    delattr(model, _attr(state.name))
+    rest = _states(model)
+    if rest:
+        kept = _Host(
+            flags=host.flags,
+            order={k: v for k, v in host.order.items() if k not in freed},
+            classes={k: v for k, v in host.classes.items() if k not in freed},
+        )
+        for other in rest.values():
+            other.host = kept
+    else:
+        for name, p in model.named_parameters():
+            if name in host.flags:
+                p.requires_grad_(host.flags[name])
     state.packs.clear()
 
 
@@ -480,12 +659,17 @@ def apply(
     scope: str = "global",
     assignment: str = "hash",
     projection: str = "partition",
+    name: str = DEFAULT,
 ) -> nn.Module:
     """Make ``model`` GPart-trainable in place: one trainable vector ``theta`` of length ``d``.
 
     All target entries (D of them, see :mod:`gpart.targets`) are split into ``d`` groups by a
     seeded hash of their global position; entry ``i`` becomes ``W0[i] + theta[g(i)] / sqrt(n_g)``.
     ``theta`` (zeros, fp32) is registered once as ``model.gpart.theta``.
+
+    A model can carry several named adapters (``name=``, each with its own d, seed, targets and
+    settings): a new one is added after the others and becomes the only active one (the others
+    stay, inactive and frozen; see :func:`set_active`).
 
     Args:
         d: number of trainable parameters (1 <= d <= D).
@@ -518,6 +702,8 @@ def apply(
         projection: ``"partition"`` (GPart, default) or ``"fastfood"``: the dense structured
             projection of the intrinsic-dimension baseline (:mod:`gpart.fastfood`); global scope,
             hash assignment; ``isometric=False`` adds its anisotropic gains.
+        name: the adapter's name (a Python identifier); ``"default"`` lives at ``model.gpart``,
+            any other at ``model.gpart_<name>``.
 
     Returns:
         The same ``model``.
@@ -544,12 +730,12 @@ def apply(
         raise ConfigError(f"freeze={freeze!r}: must be True or False.")
     _check_runtime(backend, recompute)
     layout, scale, backend = _plan(
-        model, config, targets=targets, target_parameters=target_parameters, backend=backend
+        model, config, targets=targets, target_parameters=target_parameters, backend=backend, name=name
     )
-    _install(model, config, layout, scale, freeze=freeze, backend=backend, recompute=recompute)
+    _install(model, config, layout, scale, freeze=freeze, backend=backend, recompute=recompute, name=name)
     if config.init_bound > 0:
         with torch.no_grad():
-            _state(model).theta.uniform_(-config.init_bound, config.init_bound)
+            _state(model, name).theta.uniform_(-config.init_bound, config.init_bound)
     return model
 
 
@@ -566,7 +752,7 @@ def _parametrized(model: nn.Module, state: GPartState) -> list[tuple[nn.Module, 
                 "changed behind gpart's back. Rebuild it and apply again."
             ) from None
         found = [p for p in plist if isinstance(p, GPartParametrization) and p.state is state]
-        if len(plist) != 1 or not found:
+        if not all(isinstance(p, GPartParametrization) for p in plist) or not found:
             raise StateError(
                 f"target {target.name!r} carries parametrizations {[type(p).__name__ for p in plist]}; "
                 "expected gpart's alone. Remove the others first."
@@ -575,8 +761,9 @@ def _parametrized(model: nn.Module, state: GPartState) -> list[tuple[nn.Module, 
     return out
 
 
-def merge(model: nn.Module) -> nn.Module:
-    """Bake the current delta into the weights and drop gpart: the result is a plain model.
+def merge(model: nn.Module, *, name: str = DEFAULT) -> nn.Module:
+    """Bake the adapter's delta into the weights and drop the adapter: with no other adapter, the
+    result is a plain model.
 
     The target Parameters keep their identity (now holding ``W0 + delta``); ``theta`` and the
     parametrizations are gone; every parameter's ``requires_grad`` is as before ``apply``.
@@ -584,13 +771,17 @@ def merge(model: nn.Module) -> nn.Module:
     changes, so a failure (out of memory included) leaves the model as it was; the price is
     memory for one more copy of the target weights while ``merge`` runs.
 
+    With several adapters, ``name`` picks the one merged (active or not); the others stay and
+    now add their deltas to the merged weights (an ulp of rounding may differ from before: float
+    addition is not associative); flags stay as they are until the last adapter goes.
+
     >>> import torch, gpart
     >>> model = gpart.apply(torch.nn.Sequential(torch.nn.Linear(4, 4)), d=3, seed=0, init_bound=0.1)
     >>> y = model(torch.ones(1, 4))
     >>> torch.equal(gpart.merge(model)(torch.ones(1, 4)), y)
     True
     """
-    state = _state(model)
+    state = _state(model, name)
     entries = _parametrized(model, state)
     sharded = [n for n, p in model.named_parameters() if callable(getattr(p, "full_tensor", None))]
     if sharded:
@@ -604,14 +795,17 @@ def merge(model: nn.Module) -> nn.Module:
         originals = [module.parametrizations[pname].original for module, pname, _ in entries]
         merged = [p.effective(w0, dropout=0.0) for w0, (_, _, p) in zip(originals, entries, strict=True)]
         with _atomic(model):
-            _uninstall(model, state, [(m, n) for m, n, _ in entries])
+            _uninstall(model, state, entries)
         for original, value in zip(originals, merged, strict=True):  # no allocation: same shape, dtype
             original.copy_(value)
     return model
 
 
-def remove(model: nn.Module) -> nn.Module:
+def remove(model: nn.Module, *, name: str = DEFAULT) -> nn.Module:
     """Undo ``apply`` exactly: original tensors (same Parameter objects), flags, no ``theta``.
+
+    With several adapters, ``name`` picks the one removed; the others stay as they are, and the
+    flags as before the first ``apply`` come back with the last ``remove``.
 
     >>> import torch, gpart
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
@@ -619,10 +813,10 @@ def remove(model: nn.Module) -> nn.Module:
     >>> gpart.remove(gpart.apply(model, d=3, seed=0))[0].weight is w
     True
     """
-    state = _state(model)
+    state = _state(model, name)
     entries = _parametrized(model, state)
     with _atomic(model):
-        _uninstall(model, state, [(m, n) for m, n, _ in entries])
+        _uninstall(model, state, entries)
     return model
 
 
@@ -636,13 +830,15 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     ...     torch.equal(model[0].weight, model[0].parametrizations.weight.original)
     True
     """
-    state = _state(model)
-    before = state.enabled
-    state.enabled = False
+    _state(model, next(iter(_states(model)), DEFAULT))
+    before = {state: state.enabled for state in _states(model).values()}
+    for state in before:
+        state.enabled = False
     try:
         yield model
     finally:
-        state.enabled = before
+        for state, enabled in before.items():
+            state.enabled = enabled
 
 
 @contextlib.contextmanager
@@ -658,19 +854,69 @@ def cached(model: nn.Module) -> Iterator[nn.Module]:
     ...     model[0].weight is model[0].weight
     True
     """
-    _state(model)
+    _state(model, next(iter(_states(model)), DEFAULT))
     with parametrize.cached():
         yield model
 
 
-def theta(model: nn.Module) -> nn.Parameter:
-    """The trainable vector (fp32, length d) of a gpart model.
+def theta(model: nn.Module, name: str = DEFAULT) -> nn.Parameter:
+    """The trainable vector (fp32, length d) of the adapter ``name`` of a gpart model.
 
     >>> import torch, gpart
     >>> gpart.theta(gpart.apply(torch.nn.Sequential(torch.nn.Linear(4, 4)), d=3, seed=0)).shape
     torch.Size([3])
     """
-    return _state(model).theta
+    return _state(model, name).theta
+
+
+def adapters(model: nn.Module) -> dict[str, bool]:
+    """The adapters of ``model`` in the order applied, each with whether it is active.
+
+    >>> import torch, gpart
+    >>> model = gpart.apply(torch.nn.Sequential(torch.nn.Linear(4, 4)), d=3, seed=0)
+    >>> gpart.adapters(gpart.apply(model, d=5, seed=1, name="b"))
+    {'default': False, 'b': True}
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"expected a torch.nn.Module, got {type(model).__name__}.")
+    return {name: state.active for name, state in _states(model).items()}
+
+
+def set_active(model: nn.Module, names: str | Sequence[str]) -> nn.Module:
+    """Choose the adapters that compute: one name, several (their deltas add up), or none (``[]``).
+
+    Nothing is registered or recomputed: each adapter's parametrizations stay in place and an
+    inactive one passes its input through. The active adapters' ``theta`` require grad, the
+    inactive ones' do not (as PEFT's ``set_adapter``), so an optimizer over all thetas trains
+    the active ones only. Under ``torch.compile`` each active set compiles once (the flags are
+    guarded); switching between sets seen before does not recompile.
+
+    >>> import torch, gpart
+    >>> model = gpart.apply(torch.nn.Sequential(torch.nn.Linear(4, 4)), d=3, seed=0, init_bound=1.0)
+    >>> _ = gpart.apply(model, d=5, seed=1, name="b", init_bound=1.0)
+    >>> _ = gpart.set_active(model, ["default", "b"])
+    >>> gpart.adapters(model)
+    {'default': True, 'b': True}
+    """
+    states = _states(model) if isinstance(model, nn.Module) else None
+    if states is None:
+        raise ConfigError(f"expected a torch.nn.Module, got {type(model).__name__}.")
+    chosen = (names,) if isinstance(names, str) else names
+    if not isinstance(chosen, Sequence) or not all(isinstance(n, str) and n for n in chosen):
+        raise ConfigError(
+            f"set_active: names={names!r} must be an adapter name or a list of them (non-empty "
+            "strings; [] for none), e.g. ['task_a', 'task_b']."
+        )
+    unknown = [n for n in chosen if n not in states]
+    if unknown:
+        raise StateError(
+            f"set_active: no adapter named {unknown}; this {type(model).__name__} has {list(states)}. "
+            "Pass names among those ([] for none)."
+        )
+    for name, state in states.items():
+        state.active = name in chosen
+        state.theta.requires_grad_(state.active)
+    return model
 
 
 @dataclass(frozen=True)
@@ -704,7 +950,7 @@ class Summary:
         )
 
 
-def summary(model: nn.Module) -> Summary:
+def summary(model: nn.Module, *, name: str = DEFAULT) -> Summary:
     """Counts of theta, other trainable parameters (e.g. a head) and all parameters.
 
     >>> import torch, gpart
@@ -712,7 +958,7 @@ def summary(model: nn.Module) -> Summary:
     >>> print(gpart.summary(model))
     theta: 3 | other trainable: 0 | trainable: 3 of 23 (13.0435%)
     """
-    theta_param = _state(model).theta
+    theta_param = _state(model, name).theta
     other = sum(p.numel() for p in model.parameters() if p.requires_grad and p is not theta_param)
     total = sum(p.numel() for p in model.parameters())
     return Summary(theta=theta_param.numel(), other_trainable=other, total=total)

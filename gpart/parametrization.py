@@ -99,9 +99,11 @@ class _Recipe:
             "ids": self.ids,
         }
 
-    def compute(self) -> torch.Tensor:
-        """The forward computation (differentiable in theta)."""
-        return _delta.effective(self._w0(), self.theta, self.scale, **self._kwargs())
+    def compute(self, live: torch.Tensor | None = None) -> torch.Tensor:
+        """The forward computation (differentiable in theta, and in ``live``: the W0 this recipe
+        was made from when it requires grad, i.e. the output of another adapter on the tensor)."""
+        w0 = self._w0() if live is None else live
+        return _delta.effective(w0, self.theta, self.scale, **self._kwargs())
 
     def unpack(self, geometry) -> torch.Tensor:
         """One saved view, rebuilt in backward: the forward's value, unless theta changed in between."""
@@ -217,22 +219,19 @@ class GPartState(nn.Module):
         *,
         backend: str = "eager",
         recompute: bool = True,
+        name: str = "default",
     ) -> None:
         super().__init__()
         self.config = config
         self.layout = layout
-        self.enabled = True
+        self.name = name  # the adapter's name (several adapters can share a model)
+        self.enabled = True  # False within gpart.disabled
+        self.active = True  # False when gpart.set_active leaves this adapter out
         self.backend = backend  # which kernel of gpart._delta computes the deltas
         self.recipes: SaveRecipes | None = SaveRecipes() if recompute else None  # None: save W0 + delta
         self.theta = nn.Parameter(torch.zeros(config.d, dtype=torch.float32, device=scale.device))
         # Derived from the seed, so not part of state_dict: a checkpoint holds theta alone.
         self.register_buffer("scale", scale, persistent=False)
-        # requires_grad of every parameter before apply, so remove/merge can restore it exactly.
-        self.saved_requires_grad: dict[str, bool] = {}
-        self.saved_order: dict[str, list[str]] = {}
-        # Classes of target modules that carried another parametrization before apply (torch
-        # restores a plain module's class itself; these get their very class object back).
-        self.saved_class: dict[str, type] = {}
         self.packs: list[tuple[nn.Module, Pack]] = []  # (owner module, pack), see gpart.targets.packs
 
     def recipe(self, w0s, segment: Segment, *, dropout: float, key: int, ids=None) -> _Recipe:
@@ -289,7 +288,8 @@ class GPartState(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return (
-            f"d={c.d}, seed={c.seed}, D={self.layout.size}, targets={len(self.layout.targets)}, "
+            f"name={self.name!r}, active={self.active}, d={c.d}, seed={c.seed}, D={self.layout.size}, "
+            f"targets={len(self.layout.targets)}, "
             f"isometric={c.isometric}, bias={c.bias!r}, dropout={c.dropout}"
         )
 
@@ -390,7 +390,8 @@ class Pack:
     MAX_TOKENS = 1 << 16
 
     def __init__(self, state: GPartState, plists: list[nn.Module]):
-        """``plists``: the members' ``ParametrizationList``s (gpart's parametrization first), in order."""
+        """``plists``: the members' ``ParametrizationList``s (this adapter's parametrization first,
+        so that it reads W0 itself), in order."""
         self.state, self.plists = state, plists
         self.members: list[GPartParametrization] = [plist[0] for plist in plists]
         for index, member in enumerate(self.members):
@@ -528,7 +529,7 @@ class GPartParametrization(nn.Module):
 
     def forward(self, w0: torch.Tensor) -> torch.Tensor:
         state: GPartState = self.state
-        if not state.enabled:
+        if not (state.enabled and state.active):
             return w0
         compiling = torch.compiler.is_compiling()
         if self.training and not compiling and not torch.is_grad_enabled() and state.theta.requires_grad:
@@ -566,7 +567,7 @@ class GPartParametrization(nn.Module):
         if dropout > 0.0 and key is None:
             key = _draw_key()
         recipe = state.recipe((w0,), self.segment, dropout=dropout, key=key, ids=self.ids)
-        out = recipe.compute()
+        out = recipe.compute(w0 if w0.requires_grad else None)
         state.keep_recipe(out, recipe)
         return out
 
@@ -592,7 +593,7 @@ class GPartParametrization(nn.Module):
                 key = _draw_key() if key is None else key
                 keep = _delta.keep_mask(self.start, self.numel, self.segment.seed, dropout, key, w0.device)
             delta = torch.where(keep, delta * _delta._keep_scale(dropout), 0.0)
-        return _delta._add(w0.detach().reshape(-1), delta).view(w0.shape)
+        return _delta._add(w0.reshape(-1), delta).view(w0.shape)
 
     def extra_repr(self) -> str:
         return f"start={self.start}, numel={self.numel}"

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .core import _check_runtime, _find_state, _install, _plan, _state
+from .core import DEFAULT, _attr, _check_name, _check_runtime, _find_state, _install, _plan, _state, _states
 from .errors import FormatError, LayoutError, StateError
 from .parametrization import GPartConfig
 from .serialization import (
@@ -245,11 +245,17 @@ def _tensors(path: Path, stored: dict[str, torch.Tensor], d: int) -> dict[str, t
 
 
 def load_peft(
-    model: nn.Module, directory: str | os.PathLike, *, backend: str = "auto", recompute: bool = True
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    name: str = DEFAULT,
+    backend: str = "auto",
+    recompute: bool = True,
 ) -> nn.Module:
     """Apply gpart to ``model`` with a reference adapter's settings and load its theta and head.
 
-    ``model`` is the plain base model (e.g. the ``transformers`` model the adapter was trained on);
+    ``model`` is the base model (e.g. the ``transformers`` model the adapter was trained on), plain
+    or carrying other adapters; the new adapter is named ``name`` and becomes the active one.
     ``backend`` and ``recompute`` are as in :func:`gpart.apply`. Besides theta, the folder may
     only write parameters of its ``modules_to_save``. On any error the model is left unchanged.
     Afterwards the model is an ordinary gpart model: :func:`gpart.merge`, :func:`gpart.save`,
@@ -266,23 +272,28 @@ def load_peft(
     True
     """
     _check_runtime(backend, recompute)
-    if _find_state(model) is not None:
+    if _find_state(model, _check_name(name)) is not None:
+        again = "gpart.remove(model)" if name == DEFAULT else f"gpart.remove(model, name={name!r})"
         raise StateError(
-            f"{type(model).__name__} already has a gpart adapter; load_peft applies one. Pass the "
-            "plain base model (or gpart.remove(model) first)."
+            f"{type(model).__name__} already has a gpart adapter named {name!r}; load_peft applies "
+            f"one. Pass another name=, the plain base model, or call {again} first."
         )
     kwargs, tensors = read_peft(directory)
-    config, (layout, scale, backend), extras = _fit(model, directory, kwargs, tensors, backend=backend)
+    config, (layout, scale, backend), extras = _fit(
+        model, directory, kwargs, tensors, backend=backend, name=name
+    )
     theta, staged = _staged(tensors["theta"], extras, scale.device)
 
     def install() -> None:
-        _install(model, config, layout, scale, freeze=True, backend=backend, recompute=recompute)
+        _install(model, config, layout, scale, freeze=True, backend=backend, recompute=recompute, name=name)
 
-    _commit(model, install, theta, staged)
+    _commit(model, install, theta, staged, name)
     return model
 
 
-def _fit(model: nn.Module, directory, kwargs: dict, tensors: dict, *, backend: str | None):
+def _fit(
+    model: nn.Module, directory, kwargs: dict, tensors: dict, *, backend: str | None, name: str = DEFAULT
+):
     """The settings, plan and saved parameters of a folder, checked against ``model``.
 
     Returns ``(config, (layout, scale, backend), {name: (parameter, value)})``; with
@@ -300,6 +311,7 @@ def _fit(model: nn.Module, directory, kwargs: dict, tensors: dict, *, backend: s
         target_parameters=(),
         backend=backend or "eager",
         scales=backend is not None,
+        name=name,
     )
     extras = {k: v for k, v in tensors.items() if k != "theta"}
     params, problems = _fit_params(
@@ -358,8 +370,10 @@ def _from_gpart_file(path: str | os.PathLike, directory: str | os.PathLike) -> P
     return _write_peft(_as_path(directory, "convert"), config, modules, theta, extras)
 
 
-def save_peft(model: nn.Module, directory: str | os.PathLike, *, task_type: str | None = None) -> Path:
-    """Write ``model``'s adapter as a reference adapter directory; return the directory.
+def save_peft(
+    model: nn.Module, directory: str | os.PathLike, *, task_type: str | None = None, name: str = DEFAULT
+) -> Path:
+    """Write ``model``'s adapter ``name`` as a reference adapter directory; return the directory.
 
     The reference adapts ``nn.Linear`` (and GPT-2 ``Conv1D``) weights only, so an adapter with
     other targets (embeddings, convolutions, raw parameters) raises :class:`~gpart.FormatError`.
@@ -373,7 +387,7 @@ def save_peft(model: nn.Module, directory: str | os.PathLike, *, task_type: str 
     ['adapter_config.json', 'adapter_model.safetensors']
     """
     directory = _as_path(directory, "save_peft")
-    state = _state(model)
+    state = _state(model, name)
     linear = _linear_types()
     bad = [
         t.name
@@ -388,7 +402,8 @@ def save_peft(model: nn.Module, directory: str | os.PathLike, *, task_type: str 
             "this adapter in gpart's own format (gpart.save)."
         )
     conv1d = any(type(model.get_submodule(t.module_name)).__name__ == "Conv1D" for t in state.layout.targets)
-    extras = {n: p for n, p in model.named_parameters() if p.requires_grad and p is not state.theta}
+    own = set(map(_attr, _states(model)))
+    extras = {n: p for n, p in model.named_parameters() if p.requires_grad and n.split(".")[0] not in own}
     return _write_peft(
         directory,
         state.config,

@@ -22,6 +22,7 @@ import os
 import re
 import tempfile
 from collections.abc import Iterable
+from dataclasses import replace
 from itertools import zip_longest
 from pathlib import Path
 
@@ -31,7 +32,23 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ._version import __version__
-from .core import STATE_ATTR, _atomic, _check_runtime, _find_state, _install, _make_config, _plan, _state
+from .core import (
+    DEFAULT,
+    SWAPPABLE,
+    _atomic,
+    _attr,
+    _check_name,
+    _check_runtime,
+    _find_state,
+    _install,
+    _make_config,
+    _parametrized,
+    _plan,
+    _plan_swap,
+    _state,
+    _states,
+    _swap,
+)
 from .errors import ConfigError, FormatError, GPartError, LayoutError, StateError
 from .parametrization import GPartConfig
 from .partition import ALGORITHM
@@ -51,12 +68,13 @@ _OPTIONAL = {
 _EXTRA = "trainable."
 
 
-def save(model: nn.Module, path: str | os.PathLike, *, trainable: bool = True) -> Path:
-    """Write the adapter of ``model`` to ``path`` (safetensors), atomically; return the path.
+def save(model: nn.Module, path: str | os.PathLike, *, trainable: bool = True, name: str = DEFAULT) -> Path:
+    """Write the adapter ``name`` of ``model`` to ``path`` (safetensors), atomically; return the path.
 
     With ``trainable=True`` (default) the model's other trainable parameters (e.g. a head kept
-    trainable with ``apply(..., trainable=[...])``) are saved too. The file is written beside
-    ``path`` and renamed into place, so a crash mid-save never leaves a half-written adapter.
+    trainable with ``apply(..., trainable=[...])``, never another adapter's theta) are saved too.
+    The file is written beside ``path`` and renamed into place, so a crash mid-save never leaves a
+    half-written adapter.
 
     Under FSDP2 (``fully_shard``) theta and the other trainable tensors are sharded: call ``save``
     on every rank; it gathers them (a collective) and rank 0 writes the file.
@@ -69,11 +87,12 @@ def save(model: nn.Module, path: str | os.PathLike, *, trainable: bool = True) -
     ['theta']
     """
     path = _as_path(path, "save")
-    state = _state(model)
+    state = _state(model, name)
     extras, config = {}, state.config
     if trainable:
-        extras = {n: p for n, p in model.named_parameters() if p.requires_grad and p is not state.theta}
-        config = _declaring(model, config, extras)
+        own = set(map(_attr, _states(model)))
+        extras = {n: p for n, p in model.named_parameters() if p.requires_grad and n.split(".")[0] not in own}
+        config = _declaring(state, config, extras)
     theta = _gathered(state.theta)
     extras = {n: _gathered(p) for n, p in extras.items()}
     if _is_sharded(state.theta) and torch.distributed.get_rank() != 0:
@@ -94,7 +113,7 @@ def _as_path(path: object, verb: str) -> Path:
     return Path(text)
 
 
-def _declaring(model: nn.Module, config: GPartConfig, extras: dict[str, torch.Tensor]) -> GPartConfig:
+def _declaring(state, config: GPartConfig, extras: dict[str, torch.Tensor]) -> GPartConfig:
     """``config`` with the modules of every saved trainable tensor declared trainable.
 
     A file may only write tensors of modules it declares trainable (see :func:`load`), so a
@@ -104,7 +123,6 @@ def _declaring(model: nn.Module, config: GPartConfig, extras: dict[str, torch.Te
     modules = [m for m in (n.rpartition(".")[0] for n in extras) if not _name_matches(m, config.trainable)]
     if not modules:
         return config
-    state = _state(model)
     holding = sorted({m for m in modules if any(t.module_name == m for t in state.layout.targets)})
     if holding:
         raise StateError(
@@ -392,8 +410,11 @@ def _layout_differences(
 
 
 def _missing_targets(model: nn.Module, entries: list[tuple[str, list[int]]]) -> list[str]:
-    """One line per file target that a plain model lacks or holds in another shape."""
+    """One line per file target that the model lacks or holds in another shape."""
     params = dict(model.named_parameters())
+    for module_name, module in model.named_modules():  # tensors other adapters parametrize
+        for pname, plist in getattr(module, "parametrizations", {}).items():
+            params.setdefault(f"{module_name}.{pname}".lstrip("."), plist.original)
     diffs = []
     for i, (name, shape) in enumerate(entries):
         param = params.get(name)
@@ -423,7 +444,7 @@ def _fit_params(
         module = name.rpartition(".")[0]
         if name in targets or "parametrizations" in name.split("."):
             problems.append(f"{name!r} is a target's pretrained weight, which an adapter never writes")
-        elif name.split(".")[0] == STATE_ATTR:
+        elif name.split(".")[0] in {_attr(DEFAULT), *map(_attr, _states(model))}:
             problems.append(f"{name!r} is gpart's own state (theta is stored as {_THETA!r})")
         elif name not in params:
             problems.append(f"{name!r} is not a parameter of {type(model).__name__}")
@@ -449,25 +470,35 @@ def _staged(
     return theta.to(device, torch.float32), staged
 
 
-def _commit(model: nn.Module, install, theta: torch.Tensor, staged: list) -> None:
+def _commit(model: nn.Module, install, theta: torch.Tensor, staged: list, name: str = DEFAULT) -> None:
     """``install()`` (None when adapted already), then theta and the saved tensors written in place."""
     with _atomic(model):
         if install is not None:
             install()
         with torch.no_grad():
-            _state(model).theta.copy_(theta)
+            _state(model, name).theta.copy_(theta)
             for param, value in staged:
                 param.copy_(value)
 
 
 def load(
-    model: nn.Module, path: str | os.PathLike, *, backend: str = "auto", recompute: bool = True
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    name: str = DEFAULT,
+    backend: str = "auto",
+    recompute: bool = True,
 ) -> nn.Module:
-    """Load an adapter file into ``model`` and return the model.
+    """Load an adapter file into ``model`` as the adapter ``name`` and return the model.
 
-    On a model without gpart, applies gpart with the file's settings and target list first
-    (``backend`` and ``recompute`` as in :func:`gpart.apply`); on an adapted model, verifies that
-    settings and layout match. Any mismatch raises one :class:`LayoutError` that lists every
+    Without an adapter of that name, applies one with the file's settings and target list first
+    (``backend`` and ``recompute`` as in :func:`gpart.apply`; other adapters stay, and the new one
+    becomes the active one). Into an existing adapter, it is a **hot swap**: the layout must
+    match, and theta is copied in place (O(d): nothing registered again, nothing recompiled
+    under ``torch.compile``). A file with another ``seed`` or ``d`` on the same targets also swaps
+    in place (hashed partitions): the group sizes are recounted, the hash offsets and scales
+    rewritten in place; with another ``d``, ``gpart.theta(model, name)`` is a new Parameter (an
+    optimizer must be given the new one). Any other mismatch raises one :class:`LayoutError` that lists every
     difference, and leaves the model untouched. Besides theta, a file may only write parameters
     of the modules it declares trainable (e.g. a classification head), never a target's weight
     or any other frozen parameter.
@@ -485,26 +516,38 @@ def load(
     True
     """
     _check_runtime(backend, recompute)
+    name = _check_name(name)
     path = _as_path(path, "load")
     tensors, metadata = read(path)
     config, entries, _ = _parse(path, metadata)
     theta = _check_theta(path, tensors, config.d)
     extras = {k[len(_EXTRA) :]: v for k, v in tensors.items() if k.startswith(_EXTRA)}
     _check_finite(path, extras)
-    state = _find_state(model)
+    state, swap = _find_state(model, name), None
     if state is None:
         diffs = _missing_targets(model, entries)
         if not diffs:
             try:
                 names = [n for n, _ in entries]
                 layout, scale, backend = _plan(
-                    model, config, targets=None, target_parameters=(), exact=names, backend=backend
+                    model, config, targets=None, target_parameters=(), exact=names, backend=backend, name=name
                 )
             except GPartError as err:
                 raise LayoutError(f"{str(path)!r} does not fit {type(model).__name__}: {err}") from None
             diffs = _layout_differences(None, layout.entries(), config, entries)
     else:
         diffs = _layout_differences(state.config, state.layout.entries(), config, entries)
+        if diffs and not _layout_differences(
+            replace(state.config, **{f: getattr(config, f) for f in SWAPPABLE}),
+            state.layout.entries(),
+            config,
+            entries,
+        ):
+            try:  # only seed and d differ: swap the partition in place
+                swap = (_parametrized(model, state), _plan_swap(model, state, config))
+            except GPartError as err:
+                raise LayoutError(f"{str(path)!r} cannot be swapped into adapter {name!r}: {err}") from None
+            diffs = []
     if diffs:
         raise LayoutError(
             f"{str(path)!r} was saved for another layout ({len(diffs)} difference(s)): "
@@ -524,7 +567,10 @@ def load(
     theta, staged = _staged(theta, {n: (params[n], extras[n]) for n in params}, device)
 
     def install() -> None:
-        _install(model, config, layout, scale, freeze=True, backend=backend, recompute=recompute)
+        _install(model, config, layout, scale, freeze=True, backend=backend, recompute=recompute, name=name)
 
-    _commit(model, install if state is None else None, theta, staged)
+    def reseed() -> None:
+        _swap(state, swap[0], config, swap[1])
+
+    _commit(model, install if state is None else reseed if swap else None, theta, staged, name)
     return model

@@ -24,7 +24,7 @@ from __future__ import annotations
 import difflib
 import re
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -165,12 +165,18 @@ def resolve(
     bias: str = "none",
     exclude: Sequence[str] = (),
     exact: Sequence[str] | None = None,
+    stacked: Collection[str] = (),
+    orders: Mapping[str, Sequence[str]] | None = None,
 ) -> Layout:
     """Select the target tensors of ``model`` and lay them out in canonical order. Changes nothing.
 
     ``exact`` (a list of qualified parameter names) replaces the selection rules; ``load`` uses it
-    to rebuild a saved layout. Raises :class:`TargetError` on any unusable selection.
+    to rebuild a saved layout. ``stacked``: tensors that other gpart adapters already parametrize
+    (a new adapter adds its delta after theirs), with ``orders`` the parameter order of their
+    modules before gpart, so that the layout is the one of the plain model. Raises
+    :class:`TargetError` on any unusable selection.
     """
+    stacked, orders = set(stacked), orders or {}
     excluded = set(exclude)
     match_module = None if targets is None else _module_predicate(model, targets, excluded)
     wanted_exact = None if exact is None else set(exact)
@@ -181,6 +187,8 @@ def resolve(
         if mod_name in excluded or any(mod_name.startswith(e + ".") for e in excluded):
             continue
         own = _own_tensors(module)
+        if mod_name in orders:  # parametrize moved this module's adapted tensors last
+            own = [n for n in orders[mod_name] if n in own] + [n for n in own if n not in orders[mod_name]]
         prefix = mod_name + "." if mod_name else ""
         chosen: set[str] = set()
         if wanted_exact is not None:
@@ -209,10 +217,10 @@ def resolve(
                 "names tensors the model must have. Use the model architecture the adapter was made for."
             )
 
-    _check_tensors(model, picked)
+    _check_tensors(model, picked, stacked)
     out, offset = [], 0
     for name, module, pname in picked:
-        shape = tuple(getattr(module, pname).shape)
+        shape = tuple(_tensor(module, pname, name in stacked).shape)
         out.append(Target(name=name, shape=shape, offset=offset))
         offset += out[-1].numel
     return Layout(tuple(out))
@@ -246,7 +254,13 @@ def _aliases(named: list[tuple[str, torch.Tensor]]) -> dict[str, list[str]]:
     return out
 
 
-def _check_tensors(model: nn.Module, picked: list[tuple[str, nn.Module, str]]) -> None:
+def _tensor(module: nn.Module, pname: str, stacked: bool) -> torch.Tensor:
+    """The tensor itself; for one that adapters parametrize, the pretrained original (reading the
+    attribute would compute ``W0 + delta``)."""
+    return module.parametrizations[pname].original if stacked else getattr(module, pname)
+
+
+def _check_tensors(model: nn.Module, picked: list[tuple[str, nn.Module, str]], stacked: set[str]) -> None:
     owners: dict[int, list[str]] = {}
     everything = list(model.named_parameters(remove_duplicate=False))
     everything += list(model.named_buffers(remove_duplicate=False))
@@ -254,8 +268,8 @@ def _check_tensors(model: nn.Module, picked: list[tuple[str, nn.Module, str]]) -
         owners.setdefault(id(p), []).append(name)
     aliases = _aliases(everything)
     for name, module, pname in picked:
-        tensor = getattr(module, pname)
-        if parametrize.is_parametrized(module, pname):
+        tensor = _tensor(module, pname, name in stacked)
+        if parametrize.is_parametrized(module, pname) and name not in stacked:
             raise TargetError(
                 f"target {name!r} already has a parametrization ({type(module).__name__}); gpart "
                 "cannot stack on another parametrization. Remove it first or exclude this module."

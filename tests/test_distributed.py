@@ -122,5 +122,9 @@ def test_fsdp2_order_merge_and_save(one_rank_group, tmp_path):
     with pytest.raises(gpart.StateError, match="sharded model"):
         gpart.merge(model)
     assert_unchanged(model, before)
+    for targets in (["0"], ["1"]):  # a second adapter: on the tensor of the first, or another one
+        with pytest.raises(gpart.StateError, match="before fully_shard"):
+            gpart.apply(model, d=4, seed=1, targets=targets, name="second")
+        assert_unchanged(model, before)
     path = gpart.save(model, tmp_path / "a.safetensors")  # gathers the DTensor shards
     assert torch.equal(gpart.read(path)[0]["theta"], expected)
