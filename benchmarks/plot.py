@@ -321,6 +321,23 @@ def variants_table(res: dict, png: str) -> str:
     return "\n".join(lines)
 
 
+def swap_table(res: dict, png: str) -> str:
+    lines = [
+        f"Switching a served model (`{res['config']}`, D = {res['D']:,}) to another adapter file, "
+        f"d = {res['d']:,}: median wall time of `gpart.load` into the existing adapter, against "
+        "removing it and loading the file as a new one.",
+        "",
+        "| case | time | x theta copy |",
+        "|---|---|---|",
+    ]
+    floor = next(r["seconds"] for r in res["rows"] if r["case"] == "theta copy")
+    for r in res["rows"]:
+        t = r["seconds"]
+        shown = f"{t * 1e3:.2f} ms" if t < 1 else f"{t:.2f} s"
+        lines.append(f"| {r['case']} | {shown} | {t / floor:,.0f} |")
+    return "\n".join(lines)
+
+
 SECTIONS = [
     (
         "step",
@@ -379,6 +396,7 @@ SECTIONS = [
         convert_table,
         None,
     ),
+    ("swap", "Hot swap of adapters", "python benchmarks/bench_swap.py", swap_table, None),
     ("inference", "Inference latency", "python benchmarks/bench_inference.py", inference_table, None),
     ("bf16", "bf16 bases", "python benchmarks/bench_bf16.py", plot_bf16, "bench_bf16.png"),
     (

@@ -8,8 +8,10 @@ that adapter (``conftest.columns``); with several adapters a target weight must 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import gpart
-from gpart import ConfigError, GPartError, LayoutError, StateError
+from gpart import ConfigError, GPartError, LayoutError, StateError, _delta
 
 # name -> apply options: overlapping targets, a bias, stored ids, different d and seeds
 ADAPTERS = {
@@ -310,8 +312,7 @@ def test_a_failure_inside_merge_or_remove_of_one_adapter_changes_nothing(monkeyp
 
 # ------------------------------------------------------------------------------------ hot swap
 needs_compiler = pytest.mark.skipif(
-    not __import__("gpart._delta").__dict__["_delta"].compiled_available(),
-    reason="torch.compile cannot build kernels here",
+    not _delta.compiled_available(), reason="torch.compile cannot build kernels here"
 )
 
 
@@ -342,6 +343,28 @@ def test_hot_swap_under_torch_compile_does_not_recompile(tmp_path):
             y = compiled(x)
             y.sum().backward()
             torch.testing.assert_close(y, _eager_outputs(path, x), rtol=1e-6, atol=1e-6)
+    # Another d changes theta's length: one recompilation, then the right outputs.
+    (tmp_path / "d").mkdir()
+    other_d = _files(tmp_path / "d", [{"d": 9, "seed": 1}])[0]
+    gpart.load(model, other_d)
+    torch.testing.assert_close(compiled(x), _eager_outputs(other_d, x), rtol=1e-6, atol=1e-6)
+
+
+@needs_compiler
+def test_switching_to_an_active_set_seen_before_does_not_recompile():
+    model, _ = stacked()
+    compiled = torch.compile(model)
+    x = torch.randn(3, 6)
+    sets = (["default"], ["b", "c"], [])
+    outputs = {}
+    for names in sets:  # each set compiles once
+        gpart.set_active(model, names)
+        outputs[tuple(names)] = model(x).detach()
+        compiled(x)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for names in reversed(sets):
+            gpart.set_active(model, names)
+            torch.testing.assert_close(compiled(x), outputs[tuple(names)], rtol=1e-6, atol=1e-6)
 
 
 @needs_compiler
@@ -358,3 +381,15 @@ def test_hot_swap_to_another_d_and_seed_keeps_the_compiled_kernels(tmp_path):
             y.sum().backward()
             torch.testing.assert_close(y, _eager_outputs(path, x), rtol=1e-6, atol=1e-6)
             assert gpart.theta(model).grad.shape == gpart.theta(model).shape
+
+
+def test_the_multi_adapter_example_serves_each_task_with_its_adapter(capsys):
+    path = Path(__file__).resolve().parents[1] / "examples" / "multi_adapter.py"
+    spec = importlib.util.spec_from_file_location("multi_adapter", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    acc = module.main()
+    for task, other in (("a", "b"), ("b", "a")):
+        assert acc[f"adapter {task} on task {task}"] > 0.9 > acc[f"adapter {other} on task {task}"]
+        assert acc[f"slot serving {task}"] == acc[f"adapter {task} on task {task}"]
+    assert "adapters: {'a': False, 'b': True}" in capsys.readouterr().out

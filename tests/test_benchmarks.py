@@ -74,6 +74,8 @@ def test_all_scripts_run_and_plot(bench, tmp_path):
     assert conv["D"] == 2 * 4096 * 4096 and conv["convert_s"] < conv["command_s"]
     var = bench("bench_variants", "--configs", "16x2:8", "--rounds", "1", "--repeats", "1")
     assert {r["variant"] for r in var["rows"]} >= {"partition", "fastfood", "block scope"}
+    swap = bench("bench_swap", "--config", "tiny", "--d", "64", "--repeats", "1", "--no-compiled")
+    assert [r["case"] for r in swap["rows"]][-1] == "remove + load"
     bench("plot")
     results = {p.stem for p in (tmp_path / "results").glob("*.json")}
     assert results == {
@@ -87,6 +89,7 @@ def test_all_scripts_run_and_plot(bench, tmp_path):
         "auto",
         "convert",
         "variants",
+        "swap",
     }
     apply_row = json.loads((tmp_path / "results" / "apply.json").read_text())["rows"][0]
     # theta and the scales (4 + 4 bytes per group), one 8-byte hash offset per target: nothing D-sized
