@@ -21,7 +21,17 @@ from .assignment import ASSIGNMENTS, compact, generator_ids, signed_magnitude
 from .errors import ConfigError, StateError, TargetError
 from .parametrization import GPartConfig, GPartParametrization, GPartState, Pack
 from .partition import _hash_base, group_scales
-from .targets import Layout, Target, TargetSpec, _hint, _name_matches, packs, resolve, segments
+from .targets import (
+    BLOCK_CONTAINERS,
+    Layout,
+    Target,
+    TargetSpec,
+    _hint,
+    _name_matches,
+    packs,
+    resolve,
+    segments,
+)
 
 __all__ = [
     "Summary",
@@ -87,6 +97,7 @@ def _make_config(
     scope: object = "global",
     assignment: object = "hash",
     projection: object = "partition",
+    block_containers: object = (),
 ) -> GPartConfig:
     if not _is_int(d) or int(d) < 1:
         raise ConfigError(
@@ -140,6 +151,19 @@ def _make_config(
         )
     if projection == "fastfood" and not isometric and int(d) < 2:
         raise ConfigError("projection='fastfood' with isometric=False needs d >= 2 (its gains span a range).")
+    containers = (block_containers,) if isinstance(block_containers, str) else block_containers
+    if not isinstance(containers, Sequence) or not all(
+        isinstance(c, str) and c and "." not in c for c in containers
+    ):
+        raise ConfigError(
+            f"block_containers={block_containers!r}: the names of the containers whose numbered "
+            "children are blocks, one name component each (no dots), e.g. ['layers'] or ['h']."
+        )
+    if containers and scope != "block":
+        raise ConfigError(
+            f"block_containers={list(containers)!r} with scope={scope!r}: block containers only "
+            "locate the blocks of scope='block'. Drop them, or pass scope='block'."
+        )
     drawn = assignment == "generator" or projection == "fastfood"
     if drawn and not -(1 << 63) <= int(seed) < 1 << 64:
         raise ConfigError(
@@ -157,7 +181,14 @@ def _make_config(
         dropout=float(dropout),
         init_bound=float(init_bound),
         trainable=_names(trainable, "trainable"),
+        block_containers=tuple(dict.fromkeys(containers)),
     )
+
+
+def _segments(layout: Layout, config: GPartConfig):
+    """Each target's segment of the partition (see :func:`gpart.targets.segments`)."""
+    containers = config.block_containers or BLOCK_CONTAINERS
+    return segments(layout, d=config.d, seed=config.seed, scope=config.scope, containers=containers)
 
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
@@ -291,7 +322,7 @@ def _plan(
             f"target {sharded[0]!r} is already sharded (an FSDP2 DTensor); the partition runs over the "
             "whole tensors. Call gpart.apply before fully_shard."
         )
-    parts = segments(layout, d=config.d, seed=config.seed, scope=config.scope)
+    parts = _segments(layout, config)
     if config.d > layout.size:
         raise ConfigError(
             f"d={config.d} exceeds D={layout.size}, the number of target entries; every group "
@@ -353,7 +384,7 @@ def _plan_swap(model: nn.Module, state: GPartState, config: GPartConfig):
             f"adapter {state.name!r} is sharded (FSDP2); theta cannot change length (d {state.config.d} -> "
             f"{config.d}) on a sharded model. Load it before fully_shard."
         )
-    parts = segments(state.layout, d=config.d, seed=config.seed, scope=config.scope)
+    parts = _segments(state.layout, config)
     device = state.scale.device
     scale = _scales(model, state.layout, parts, config, backend=state.backend, device=device)
     bases = [torch.tensor(_hash_base(part.seed, part.start), device=device) for part in parts]
@@ -508,7 +539,7 @@ def _install(
     already, its parametrization comes after theirs (adding its delta to their output).
     """
     state = GPartState(config, layout, scale, backend=backend, recompute=recompute, name=name)
-    parts = segments(layout, d=config.d, seed=config.seed, scope=config.scope)
+    parts = _segments(layout, config)
     stored = _stored_ids(model, layout, parts, config)
     if config.projection == "fastfood":
         state.set_fastfood(*fastfood.draw(config.seed, config.d, layout.size), device=scale.device)
@@ -659,6 +690,7 @@ def apply(
     scope: str = "global",
     assignment: str = "hash",
     projection: str = "partition",
+    block_containers: Sequence[str] = (),
     name: str = DEFAULT,
 ) -> nn.Module:
     """Make ``model`` GPart-trainable in place: one trainable vector ``theta`` of length ``d``.
@@ -702,6 +734,9 @@ def apply(
         projection: ``"partition"`` (GPart, default) or ``"fastfood"``: the dense structured
             projection of the intrinsic-dimension baseline (:mod:`gpart.fastfood`); global scope,
             hash assignment; ``isometric=False`` adds its anisotropic gains.
+        block_containers: with ``scope="block"``, the names of the containers whose numbered
+            children are blocks (the reference's ``layers_pattern``); default ``layers``,
+            ``layer``, ``h``, ``block``, ``blocks``.
         name: the adapter's name (a Python identifier); ``"default"`` lives at ``model.gpart``,
             any other at ``model.gpart_<name>``.
 
@@ -725,6 +760,7 @@ def apply(
         scope=scope,
         assignment=assignment,
         projection=projection,
+        block_containers=block_containers,
     )
     if not isinstance(freeze, bool):
         raise ConfigError(f"freeze={freeze!r}: must be True or False.")

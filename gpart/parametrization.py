@@ -42,10 +42,12 @@ class GPartConfig:
     scope: str = "global"
     assignment: str = "hash"
     projection: str = "partition"
+    block_containers: tuple[str, ...] = ()  # () = gpart.targets.BLOCK_CONTAINERS
 
     def to_dict(self) -> dict:
         out = asdict(self)
         out["trainable"] = list(self.trainable)
+        out["block_containers"] = list(self.block_containers)
         return out
 
 

@@ -13,11 +13,11 @@ gpart implements every variant the reference offers (global or block scope; hash
 or signed-magnitude ids; the Fastfood projection), so the same settings give the same weights:
 :func:`load_peft` applies gpart with the directory's settings and loads theta and the head.
 ``layers_to_transform``/``layers_pattern`` select targets as PEFT does, and the reference's
-``bias="*_only"`` modes partition biases as ``"all"``. Settings gpart does not implement (a
-``layers_pattern`` naming block containers, unknown values) raise :class:`~gpart.FormatError`
-instead of loading something else. Dropout masks differ (the
-reference draws them from torch's RNG, gpart from a hash), which matters only when training
-continues.
+``bias="*_only"`` modes partition biases as ``"all"``; with ``partition_scope="transformer_block"``
+``layers_pattern`` names the block containers (``block_containers``). Settings gpart does not
+implement (unknown values) raise :class:`~gpart.FormatError` instead of loading something else.
+Dropout masks differ (the reference draws them from torch's RNG, gpart from a hash), which
+matters only when training continues.
 """
 
 from __future__ import annotations
@@ -137,11 +137,8 @@ def _kwargs_from_config(path: Path, raw: object) -> dict:
         if stored
         else "hash"
     )
-    if scope == "block" and pattern not in (None, [], ""):
-        raise FormatError(
-            f"{where}: layers_pattern={_shown(pattern)} with partition_scope='transformer_block' is not "
-            "supported: gpart finds blocks under the reference's default container names only."
-        )
+    # The reference locates blocks under layers_pattern's names when given (exact components).
+    containers = ([pattern] if isinstance(pattern, str) else pattern) if scope == "block" and pattern else []
     if layers not in (None, []) and isinstance(targets, list):  # PEFT ignores them for a regex
         targets = _LayerFilter.parse(where, targets, layers, pattern)
     saved = raw.get("modules_to_save")
@@ -164,6 +161,7 @@ def _kwargs_from_config(path: Path, raw: object) -> dict:
         scope=scope,
         assignment="hash" if raw.get("projection_type") == "fastfood" else assignment,
         projection=raw.get("projection_type") or "partition",
+        block_containers=containers,
     )
     return {**config.to_dict(), "targets": targets}
 
@@ -303,7 +301,9 @@ def _fit(
     # PEFT ignores modules_to_save entries that match nothing (e.g. "score" on an encoder).
     trainable = [m for m in kwargs["trainable"] if any(_name_matches(n, (m,)) for n in modules if n)]
     settings = {k: v for k, v in kwargs.items() if k != "targets"}
-    config = GPartConfig(**{**settings, "trainable": tuple(trainable)})
+    config = GPartConfig(
+        **{**settings, "trainable": tuple(trainable), "block_containers": tuple(settings["block_containers"])}
+    )
     plan = _plan(
         model,
         config,
@@ -452,7 +452,7 @@ def _write_peft(
         "inference_mode": True,
         "init_bound": config.init_bound,
         "isometric": config.isometric,
-        "layers_pattern": None,
+        "layers_pattern": list(config.block_containers) or None,
         "layers_to_transform": None,
         "modules_to_save": list(dict.fromkeys([*config.trainable, *saved_modules])) or None,
         "partition_scope": "transformer_block" if config.scope == "block" else "global",

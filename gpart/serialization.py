@@ -64,6 +64,7 @@ _OPTIONAL = {
     "scope": "global",
     "assignment": "hash",
     "projection": "partition",
+    "block_containers": [],
 }  # settings written only when not the default
 _EXTRA = "trainable."
 
@@ -170,8 +171,8 @@ def _write(
 
 
 def _options(config: GPartConfig) -> dict:
-    """The ``config`` metadata: every setting but d and seed; ``scope``, ``assignment`` and
-    ``projection`` only when not the default, so a default adapter stays readable by earlier gpart."""
+    """The ``config`` metadata: every setting but d and seed; the variant settings only when not
+    the default, so a default adapter stays readable by earlier gpart."""
     options = {k: v for k, v in config.to_dict().items() if k not in ("d", "seed")}
     for key, default in _OPTIONAL.items():
         if options[key] == default:
@@ -399,7 +400,16 @@ def _layout_differences(
 ) -> list[str]:
     diffs = []
     if model_config is not None:
-        for field in ("d", "seed", "isometric", "bias", "scope", "assignment", "projection"):
+        for field in (
+            "d",
+            "seed",
+            "isometric",
+            "bias",
+            "scope",
+            "assignment",
+            "projection",
+            "block_containers",
+        ):
             a, b = getattr(config, field), getattr(model_config, field)
             if a != b:
                 diffs.append(f"{field}: file {a!r}, model {b!r}")

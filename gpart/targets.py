@@ -339,7 +339,9 @@ PACK_TARGET = 1 << 16
 PACK_LIMIT = 1 << 20
 
 
-def segments(layout: Layout, *, d: int, seed: int, scope: str) -> tuple[Segment, ...]:
+def segments(
+    layout: Layout, *, d: int, seed: int, scope: str, containers: Sequence[str] = BLOCK_CONTAINERS
+) -> tuple[Segment, ...]:
     """Each target's :class:`Segment` for ``scope`` ``"global"`` or ``"block"``.
 
     Block scope, as the authors' implementation: the blocks holding targets in natural order;
@@ -348,12 +350,12 @@ def segments(layout: Layout, *, d: int, seed: int, scope: str) -> tuple[Segment,
     """
     if scope == "global":
         return tuple(Segment(seed, t.offset, 0, d) for t in layout.targets)
-    keys = [block_of(t.module_name) for t in layout.targets]
+    keys = [block_of(t.module_name, containers) for t in layout.targets]
     outside = [t.name for t, k in zip(layout.targets, keys, strict=True) if k is None]
     if outside:
         raise TargetError(
             f"scope='block': targets {outside[:3]} are not inside a numbered transformer block (a "
-            f"child <number> of a container named {list(BLOCK_CONTAINERS)}). Use scope='global', or "
+            f"child <number> of a container named {list(containers)}). Use scope='global', or "
             "leave those tensors out of the targets."
         )
     blocks = sorted(set(keys), key=natural_key)

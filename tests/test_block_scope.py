@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from conftest import Stack, assert_unchanged, columns, dense_p, snapshot
@@ -10,20 +12,22 @@ from hypothesis import strategies as st
 from torch import nn
 
 import gpart
-from gpart.targets import block_of, natural_key, packs, segments
+from gpart.targets import BLOCK_CONTAINERS, block_of, natural_key, packs, segments
 
 
-def _oracle(model: nn.Module, d: int, seed: int, isometric: bool) -> torch.Tensor:
+def _oracle(
+    model: nn.Module, d: int, seed: int, isometric: bool, containers=BLOCK_CONTAINERS
+) -> torch.Tensor:
     """Block-diagonal P: block k (natural order) is the global-scope P of its own entries, with
     ``d_k`` columns (``d // B``, one more for the first ``d % B``) and seed ``seed + k``."""
     targets = model.gpart.layout.targets
-    blocks = sorted({block_of(t.module_name) for t in targets}, key=natural_key)
+    blocks = sorted({block_of(t.module_name, containers) for t in targets}, key=natural_key)
     base, extra = divmod(d, len(blocks))
     widths = [base + (k < extra) for k in range(len(blocks))]
     rows = {b: [] for b in blocks}
     for i, t in enumerate(targets):
         start = sum(x.numel for x in targets[:i])
-        rows[block_of(t.module_name)] += range(start, start + t.numel)
+        rows[block_of(t.module_name, containers)] += range(start, start + t.numel)
     size = sum(t.numel for t in targets)
     p = torch.zeros(size, d, dtype=torch.float64)
     lo = 0
@@ -174,3 +178,85 @@ def test_block_scope_compiled_kernels_and_traced_model_match_eager(assignment):
     for backend in set(outs) - {"eager"}:
         torch.testing.assert_close(outs[backend][0], outs["eager"][0], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(outs[backend][1], outs["eager"][1], rtol=1e-5, atol=1e-6)
+
+
+class Stages(nn.Module):
+    """Blocks under a container the default set does not know: ``stages.<k>.layers.<j>.q``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(nn.Module() for _ in range(2))
+        for stage in self.stages:
+            stage.layers = nn.ModuleList(nn.Module() for _ in range(2))
+            for layer in stage.layers:
+                layer.q = nn.Linear(3, 2)
+
+
+@pytest.mark.parametrize(
+    ("containers", "blocks"),
+    [
+        ((), ["stages.0.layers.0", "stages.0.layers.1", "stages.1.layers.0", "stages.1.layers.1"]),
+        (("stages",), ["stages.0", "stages.1"]),
+        (("layers", "stages"), ["stages.0", "stages.1"]),  # the first hit from the left wins
+    ],
+)
+def test_block_containers_choose_the_blocks(containers, blocks):
+    torch.manual_seed(0)
+    model = gpart.apply(Stages(), d=8, seed=3, targets=["q"], scope="block", block_containers=containers)
+    targets = model.gpart.layout.targets
+    found = sorted(
+        {block_of(t.module_name, containers or BLOCK_CONTAINERS) for t in targets}, key=natural_key
+    )
+    assert found == blocks
+    parts = segments(
+        model.gpart.layout, d=8, seed=3, scope="block", containers=containers or BLOCK_CONTAINERS
+    )
+    assert len({p.seed for p in parts}) == len(blocks)
+    expected = _oracle(model, 8, 3, True, containers or BLOCK_CONTAINERS)
+    torch.testing.assert_close(columns(model), expected, rtol=0, atol=1e-6)
+
+
+def _stages() -> Stages:
+    torch.manual_seed(0)
+    return Stages()
+
+
+def test_block_containers_round_trip_through_both_formats(tmp_path):
+    model = gpart.apply(
+        _stages(), d=6, seed=1, targets=["q"], scope="block", block_containers=["stages"], init_bound=1.0
+    )
+    weights = [m.q.weight for s in model.stages for m in s.layers]
+    for fresh in (
+        gpart.load(_stages(), gpart.save(model, tmp_path / "a.safetensors")),
+        gpart.load_peft(_stages(), gpart.save_peft(model, tmp_path / "folder")),
+    ):
+        assert fresh.gpart.config.block_containers == ("stages",)
+        for w, v in zip(weights, [m.q.weight for s in fresh.stages for m in s.layers], strict=True):
+            assert torch.equal(w, v)
+    assert (
+        "block_containers"
+        not in gpart.read(
+            gpart.save(gpart.apply(Stages(), d=4, seed=0, targets=["q"]), tmp_path / "b.safetensors")
+        )[1]["config"]
+    )
+    default = gpart.apply(Stages(), d=6, seed=1, targets=["q"], scope="block")
+    with pytest.raises(gpart.LayoutError, match=r"block_containers: file \('stages',\), model \(\)"):
+        gpart.load(default, tmp_path / "a.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"block_containers": ["stages"]}, "only locate the blocks of scope='block'"),
+        ({"scope": "block", "block_containers": ["a.b"]}, "no dots"),
+        ({"scope": "block", "block_containers": [1]}, "no dots"),
+        ({"scope": "block", "block_containers": [""]}, "no dots"),
+        ({"scope": "block", "block_containers": 3}, "e.g. ['layers']"),
+    ],
+)
+def test_bad_block_containers_are_config_errors(kwargs, fragment):
+    model = Stages()
+    before = snapshot(model)
+    with pytest.raises(gpart.ConfigError, match=re.escape(fragment)):
+        gpart.apply(model, d=4, seed=0, targets=["q"], **kwargs)
+    assert_unchanged(model, before)

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
-from conftest import DATA
+from conftest import DATA, assert_unchanged, snapshot
 from torch import nn
 
 import gpart
@@ -183,3 +184,29 @@ def test_convert_round_trips_every_variant(name, tmp_path):
         gpart.merge(loaded)
         for n, p in loaded.named_parameters():
             assert torch.equal(p, expected.get_parameter(n)), n
+
+
+@pytest.mark.parametrize("pattern", ["layers", ["layers", "stages"]])
+def test_block_scope_folder_with_layers_pattern(pattern, tmp_path):
+    """With partition_scope='transformer_block', layers_pattern names the block containers."""
+    case = CASES["block_scope"]
+    folder = tmp_path / "folder"
+    shutil.copytree(VARIANTS / "block_scope", folder)
+    settings = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**settings, "layers_pattern": pattern}))
+    model = _model(case["model"])
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    gpart.load_peft(model, folder)
+    assert model.gpart.config.block_containers == ((pattern,) if isinstance(pattern, str) else tuple(pattern))
+    exported = gpart.save_peft(model, tmp_path / "exported")
+    assert json.loads((exported / "adapter_config.json").read_text())["layers_pattern"] == list(
+        model.gpart.config.block_containers
+    )
+    gpart.merge(model)
+    _check_deltas(model, base, case)  # "layers" is among the default containers: the same blocks
+    (folder / "adapter_config.json").write_text(json.dumps({**settings, "layers_pattern": "h"}))
+    plain = _model(case["model"])
+    before = snapshot(plain)
+    with pytest.raises(gpart.TargetError, match=r"not inside a numbered transformer block .*\['h'\]"):
+        gpart.load_peft(plain, folder)
+    assert_unchanged(plain, before)
