@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import gpart
-from gpart.partition import _MIX1, _MIX2, _as_int64, _hash_base, group_counts, group_scales
+from gpart.partition import _MIX1, _MIX2, _as_int64, group_counts, group_scales, hash_base
 
 # Smoke tests point this elsewhere so that they never overwrite published results.
 RESULTS = Path(os.environ.get("GPART_BENCH_RESULTS", Path(__file__).parent / "results"))
@@ -137,7 +137,7 @@ def _plain_group_ids(start: int, n: int, d: int, seed: int, device) -> torch.Ten
     (a fresh tensor per op, the logical shift as shift-and-mask, the unsigned remainder through
     ``remainder``): the reference-style baseline's hash, kept fixed so that gpart's own
     optimisations of :func:`gpart.partition.group_ids` do not speed up its baseline."""
-    z = torch.arange(n, dtype=torch.int64, device=device) + _hash_base(seed, start)
+    z = torch.arange(n, dtype=torch.int64, device=device) + hash_base(seed, start)
     for k, m in ((30, _MIX1), (27, _MIX2)):
         z = z ^ ((z >> k) & ((1 << (64 - k)) - 1))
         z = z * _as_int64(m)

@@ -31,7 +31,7 @@ def survival(scales: list[float]) -> list[dict]:
     rows = []
     for rel in scales:
         delta = torch.randn(768 * 768) * 0.02 * rel
-        w = _delta._add(w0.reshape(-1), delta)
+        w = _delta.add_delta(w0.reshape(-1), delta)
         effective = w.float() - w0.reshape(-1).float()
         ref_effective = delta.to(torch.bfloat16).float()
         rows.append(

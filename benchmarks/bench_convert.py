@@ -38,11 +38,11 @@ _TIMER = """
 import sys, time
 from pathlib import Path
 from gpart.cli import _meta_model
-from gpart.peft_format import _to_gpart_file
+from gpart.peft_format import to_gpart_file
 t0 = time.perf_counter()
 model = _meta_model(Path(sys.argv[2]), None)
 t1 = time.perf_counter()
-_to_gpart_file(Path(sys.argv[1]), model, Path(sys.argv[3]))
+to_gpart_file(Path(sys.argv[1]), model, Path(sys.argv[3]))
 print(t1 - t0, time.perf_counter() - t1)
 """
 

@@ -40,18 +40,18 @@ from . import _version
 from .partition import (
     DEFAULT_CHUNK,
     FAST_MOD_LIMIT,
-    _hash_base,
-    _keep,
-    _mask_key,
-    _mix_,
-    _mod_constants,
-    _mod_kind,
-    _splitmix64,
-    _umod,
-    _umod_fast,
-    _umod_pow2,
-    _umod_split,
+    dropout_keep,
     group_counts,
+    hash_base,
+    mask_key,
+    mix_,
+    mod_constants,
+    mod_kind,
+    splitmix64,
+    umod,
+    umod_fast,
+    umod_pow2,
+    umod_split,
 )
 
 __all__ = [
@@ -73,12 +73,12 @@ _BACKWARD_CHUNK = 1 << 22
 
 
 def _cutoff(p: float) -> int:
-    """The int64 that :func:`gpart.partition._keep` compares with for dropout ``p``."""
+    """The int64 that :func:`gpart.partition.dropout_keep` compares with for dropout ``p``."""
     return (round(p * (1 << 24)) << 40) - (1 << 63)
 
 
 @torch.compiler.assume_constant_result  # traced code (see traced) sees a constant, not .item()
-def _keep_scale(p: float) -> float:
+def dropout_scale(p: float) -> float:
     return float(torch.tensor(1.0 / (1.0 - p), dtype=torch.float32))
 
 
@@ -91,8 +91,8 @@ def _acc_dtype(w0_dtype: torch.dtype, table_dtype: torch.dtype) -> torch.dtype:
 
 def _eager_hash_keep(start, n, seed, p, key, device):
     """The hashes of ``n`` positions and their keep-mask (None without dropout)."""
-    z = _splitmix64(seed, start, n, device)
-    return z, (_keep(z, _mask_key(key), _cutoff(p)) if p > 0.0 else None)
+    z = splitmix64(seed, start, n, device)
+    return z, (dropout_keep(z, mask_key(key), _cutoff(p)) if p > 0.0 else None)
 
 
 def keep_mask(start: int, n: int, seed: int, p: float, key: int, device) -> torch.Tensor:
@@ -103,7 +103,7 @@ def keep_mask(start: int, n: int, seed: int, p: float, key: int, device) -> torc
 def keep_mask_traced(n: int, base: torch.Tensor, p: float, *, device) -> torch.Tensor:
     """:func:`keep_mask` in tensor ops with a fresh key drawn on the device, for ``torch.compile``."""
     key = torch.randint(0, 1 << 62, (), device=device)
-    mkey = _mix_(key + _hash_base(0, 0))
+    mkey = mix_(key + hash_base(0, 0))
     return _fused_ids_keep(n, device, base, 1, 1.0, 0.0, mkey, _cutoff(p), True, "pow2")[1]
 
 
@@ -115,18 +115,18 @@ def _eager_forward(w0, table, start, d, seed, p, key, chunk, keep_ids=None):
     for lo in range(0, flat.numel(), chunk):
         n = min(chunk, flat.numel() - lo)
         z, keep = _eager_hash_keep(start + lo, n, seed, p, key, w0.device)
-        ids = _umod(z, d)
+        ids = umod(z, d)
         if keep is not None:  # dropped entries read a 0 appended to the table: one op, not three
             ids = torch.where(keep, ids, d)
             if dropped is None:
-                dropped = torch.cat([table * _keep_scale(p), table.new_zeros(1)])
+                dropped = torch.cat([table * dropout_scale(p), table.new_zeros(1)])
         # index_select, not table[ids]: the same copy, 2-3.5x faster for 1-D tables (measured,
         # 4,096 to 1M entries; advanced indexing goes through a generic strided kernel).
         part = torch.index_select(table if keep is None else dropped, 0, ids)
         if out is None:
-            out = _add(flat, part)
+            out = add_delta(flat, part)
         else:
-            out[lo : lo + n] = _add(flat[lo : lo + n], part)
+            out[lo : lo + n] = add_delta(flat[lo : lo + n], part)
         if keep_ids is not None:
             handed.append(ids)
     if keep_ids is not None:
@@ -143,8 +143,8 @@ def _eager_segment_sum(grad, start, d, seed, p, key, chunk, dtype):
             part = flat[a : a + n].to(dtype)
             z, keep = _eager_hash_keep(start + a, n, seed, p, key, flat.device)
             if keep is not None:
-                part = torch.where(keep, part * _keep_scale(p), 0.0)
-            yield _umod(z, d), part
+                part = torch.where(keep, part * dropout_scale(p), 0.0)
+            yield umod(z, d), part
 
     return _sum_in_parts(flat.numel(), d, d, dtype, flat.device, pieces)
 
@@ -208,7 +208,7 @@ def _segment_sum_of_ids(grad, ids, d, p, dtype):
     there, which never changes a sum that starts at +0.0."""
     values = grad.reshape(-1).to(dtype)
     if p > 0.0:
-        values = values * _keep_scale(p)
+        values = values * dropout_scale(p)
     return _sum_whole(ids, values, d, d + 1)[:d]
 
 
@@ -218,20 +218,20 @@ def _segment_sum_of_ids(grad, ids, d, p, dtype):
 def _fused_ids_keep(n, device, base, d, inv_d, r32, mkey, cutoff, dropout: bool, mod: str):
     """Group ids (int64) and the keep-mask (None without dropout) of ``n`` consecutive positions.
 
-    ``dropout`` (a bool) and ``mod`` (:func:`gpart.partition._mod_kind` of d) are static, so
+    ``dropout`` (a bool) and ``mod`` (:func:`gpart.partition.mod_kind` of d) are static, so
     each combination is its own compiled kernel; ``inv_d = 1/d`` and ``r32 = 2**32 mod d`` are
-    float64 constants of the modulo; ``mkey`` and ``cutoff`` those of :func:`gpart.partition._keep`.
+    float64 constants of the modulo; ``mkey`` and ``cutoff`` those of :func:`gpart.partition.dropout_keep`.
     """
-    z = _mix_(torch.arange(n, dtype=torch.int64, device=device) + base)
-    keep = _keep(z, mkey, cutoff) if dropout else None
+    z = mix_(torch.arange(n, dtype=torch.int64, device=device) + base)
+    keep = dropout_keep(z, mkey, cutoff) if dropout else None
     if mod == "pow2":
-        ids = _umod_pow2(z, d)
+        ids = umod_pow2(z, d)
     elif mod == "split":
-        ids = _umod_split(z, d, inv_d, r32)
+        ids = umod_split(z, d, inv_d, r32)
     elif mod == "fast":
-        ids = _umod_fast(z, d, inv_d)
+        ids = umod_fast(z, d, inv_d)
     else:  # d >= 2**31: only from `traced`, which has d as an int
-        ids = _umod(z, d)
+        ids = umod(z, d)
     return ids, keep
 
 
@@ -252,10 +252,10 @@ def _fused_forward_ids(w0, table, base, d, inv_d, r32, mkey, cutoff, keep_scale,
     if keep is not None:
         part = torch.where(keep, part * keep_scale, 0.0)
         ids = torch.where(keep, ids, d)
-    return _add(w0, part), ids  # int64: what scatter_add takes (a conversion would be one more pass)
+    return add_delta(w0, part), ids  # int64: what scatter_add takes (a conversion would be one more pass)
 
 
-def _add(w0: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+def add_delta(w0: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
     """``W0 + part`` (both flat) in the accumulation dtype, rounded once to W0's dtype.
 
     Compiled callers pass flat tensors: a reshape round trip inside the graph makes inductor's
@@ -319,7 +319,7 @@ def _scalars(start, d, seed, p, key, device, table_dtype):
     argument: never a host to device copy, so the host never waits for the device.
     """
     base, d_t, inv_d, r32, zero, cutoff, keep_scale = _static_scalars(start, d, seed, p, device, table_dtype)
-    mkey = zero if p == 0.0 else torch.full((), _mask_key(key), dtype=torch.int64, device=device)
+    mkey = zero if p == 0.0 else torch.full((), mask_key(key), dtype=torch.int64, device=device)
     return base, d_t, inv_d, r32, mkey, cutoff, keep_scale
 
 
@@ -335,12 +335,12 @@ def _static_scalars(start, d, seed, p, device, table_dtype):
     i64 = {"dtype": torch.int64, "device": device}
     with torch.inference_mode(False):
         return (
-            torch.tensor(_hash_base(seed, start), **i64),
+            torch.tensor(hash_base(seed, start), **i64),
             torch.tensor(d, **i64),
-            *(torch.tensor(c, dtype=torch.float64, device=device) for c in _mod_constants(d)),
+            *(torch.tensor(c, dtype=torch.float64, device=device) for c in mod_constants(d)),
             torch.tensor(0, **i64),
             torch.tensor(_cutoff(p), **i64),
-            torch.tensor(_keep_scale(p) if p > 0 else 1.0, dtype=table_dtype, device=device),
+            torch.tensor(dropout_scale(p) if p > 0 else 1.0, dtype=table_dtype, device=device),
         )
 
 
@@ -349,7 +349,7 @@ def _compiled_forward(w0, table, start, d, seed, p, key, chunk, keep_ids=None):
         return _eager_forward(w0, table, start, d, seed, p, key, chunk)
     scalars = _scalars(start, d, seed, p, key, w0.device, table.dtype)
     flat = w0.reshape(-1)
-    static = (p > 0.0, _mod_kind(d))
+    static = (p > 0.0, mod_kind(d))
     setting = (flat.device, flat.dtype, table.dtype, *static)
     if keep_ids is None:
         return _compiled_fn("forward", *setting)(flat, table, *scalars, *static).view(w0.shape)
@@ -362,7 +362,7 @@ def _compiled_segment_sum(grad, start, d, seed, p, key, chunk, dtype):
     flat = grad.reshape(-1)
     if d >= FAST_MOD_LIMIT:
         return _eager_segment_sum(grad, start, d, seed, p, key, chunk, dtype)
-    static = (p > 0.0, _mod_kind(d))
+    static = (p > 0.0, mod_kind(d))
     kernel = _compiled_fn("ids_values", flat.device, flat.dtype, dtype, *static)
 
     def run(lo, hi):
@@ -389,7 +389,7 @@ def count_groups(
     if backend == "eager" or d >= FAST_MOD_LIMIT:
         return group_counts(size, d=d, seed=seed, chunk_size=chunk, device=device)
     counts = torch.zeros(d, dtype=torch.int64, device=device)
-    kind = _mod_kind(d)
+    kind = mod_kind(d)
     kernel = _compiled_fn("ids_into", torch.device(device), kind)
     ids = torch.empty(min(chunk, size), dtype=torch.int64, device=device)
     for lo in range(0, size, chunk):
@@ -540,10 +540,10 @@ class _StoredEffective(torch.autograd.Function):
         flat, table = w0.reshape(-1), theta * scale
         idx = _stored_ids(ids, flat.numel(), table.numel(), start, seed, p, key, w0.device)
         if p > 0.0:  # dropped entries read a 0 appended to the table
-            table = torch.cat([table * _keep_scale(p), table.new_zeros(1)])
+            table = torch.cat([table * dropout_scale(p), table.new_zeros(1)])
         ctx.save_for_backward(scale)
         ctx.ids, ctx.args = ids, (start, seed, p, key, theta.dtype)  # ids: the stored buffer itself
-        return _add(flat, torch.index_select(table, 0, idx)).view(w0.shape)
+        return add_delta(flat, torch.index_select(table, 0, idx)).view(w0.shape)
 
     @staticmethod
     def backward(ctx, grad):
@@ -643,7 +643,7 @@ def traced(
     """:func:`effective` in plain differentiable torch ops, for ``torch.compile`` to trace.
 
     No custom autograd Function, no Python-side state, no host sync: ``base`` (the hash offset,
-    ``_hash_base(seed, start)``) and the dropout key are 0-d int64 tensors. Dynamo traces it
+    ``hash_base(seed, start)``) and the dropout key are 0-d int64 tensors. Dynamo traces it
     without graph breaks, AOTAutograd derives the segment sum (the gather's backward), and
     Inductor fuses it and chooses what to recompute. Same formula and rounding as the eager
     kernel, so the same values.
@@ -653,23 +653,23 @@ def traced(
     if ids is not None:  # stored ids: a gather; the mask, if any, from the position hash
         part = (theta * scale)[ids.to(torch.int64)]
         if on:
-            mkey = _mix_(dropout_key + _hash_base(0, 0))
+            mkey = mix_(dropout_key + hash_base(0, 0))
             _, keep = _fused_ids_keep(
-                w0.numel(), w0.device, base, d, *_mod_constants(d), mkey, _cutoff(dropout), True, _mod_kind(d)
+                w0.numel(), w0.device, base, d, *mod_constants(d), mkey, _cutoff(dropout), True, mod_kind(d)
             )
-            part = torch.where(keep, part * _keep_scale(dropout), 0.0)
-        return _add(w0.reshape(-1), part).view(w0.shape)
+            part = torch.where(keep, part * dropout_scale(dropout), 0.0)
+        return add_delta(w0.reshape(-1), part).view(w0.shape)
     out = _fused_forward(  # the compiled kernel's formula, here differentiated by AOTAutograd
         w0.reshape(-1),
         theta * scale,
         base,
         d,
-        *_mod_constants(d),
-        _mix_(dropout_key + _hash_base(0, 0)) if on else None,  # _mask_key, in tensor ops
+        *mod_constants(d),
+        mix_(dropout_key + hash_base(0, 0)) if on else None,  # mask_key, in tensor ops
         _cutoff(dropout) if on else None,
-        _keep_scale(dropout) if on else 1.0,
+        dropout_scale(dropout) if on else 1.0,
         on,
-        _mod_kind(d),
+        mod_kind(d),
     )
     return out.view(w0.shape)
 

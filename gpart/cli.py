@@ -121,11 +121,11 @@ def _theta_stats(theta: torch.Tensor) -> dict:
 
 
 def _describe_gpart(path: Path) -> dict:
-    from .serialization import _check_theta, _parse, read
+    from .serialization import check_theta, parse_metadata, read
 
     tensors, metadata = read(path)
-    config, entries, size = _parse(path, metadata)
-    theta = _check_theta(path, tensors, config.d)
+    config, entries, size = parse_metadata(path, metadata)
+    theta = check_theta(path, tensors, config.d)
     return {
         "file": str(path),
         "bytes": path.stat().st_size,
@@ -163,7 +163,7 @@ def _describe_peft(directory: Path) -> dict:
 
 
 def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    from .peft_format import _from_gpart_file, _to_gpart_file
+    from .peft_format import from_gpart_file, to_gpart_file
 
     if args.source.is_dir():
         if args.model_config is None:
@@ -171,9 +171,9 @@ def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
                 "converting a reference folder needs --model-config (the base model's transformers "
                 "config.json): the folder stores target patterns, a gpart file the resolved layout."
             )
-        out = _to_gpart_file(args.source, _meta_model(args.model_config, args.model_class), args.target)
+        out = to_gpart_file(args.source, _meta_model(args.model_config, args.model_class), args.target)
     else:
-        out = _from_gpart_file(args.source, args.target)
+        out = from_gpart_file(args.source, args.target)
     _say(f"wrote {out}")
 
 

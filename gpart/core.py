@@ -20,17 +20,17 @@ from . import _delta, fastfood
 from .assignment import ASSIGNMENTS, compact, generator_ids, signed_magnitude
 from .errors import ConfigError, StateError, TargetError
 from .parametrization import GPartConfig, GPartParametrization, GPartState, Pack
-from .partition import _hash_base, group_scales
+from .partition import group_scales, hash_base
 from .targets import (
     BLOCK_CONTAINERS,
     Layout,
     Target,
     TargetSpec,
-    _hint,
-    _name_matches,
+    name_matches,
     packs,
     resolve,
     segments,
+    suggest,
 )
 
 __all__ = [
@@ -85,7 +85,7 @@ def _names(value: object, what: str) -> tuple[str, ...]:
 _F32_MAX = float(torch.finfo(torch.float32).max)
 
 
-def _make_config(
+def make_config(
     *,
     d: object,
     seed: object,
@@ -116,7 +116,7 @@ def _make_config(
             f"bias={bias!r}: unknown bias mode; use 'none' (weights only) or 'all' (each target "
             "module's bias joins the index space after its weight)."
         )
-    # The mask compares against p rounded to 2**-24 (see gpart.partition._keep): p must round
+    # The mask compares against p rounded to 2**-24 (see gpart.partition.dropout_keep): p must round
     # below 1 there too, or nothing would be kept.
     if not _is_real(dropout) or not 0.0 <= float(dropout) < 1.0 or round(float(dropout) * 2**24) >= 2**24:
         raise ConfigError(
@@ -194,7 +194,7 @@ def _segments(layout: Layout, config: GPartConfig):
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
-def _check_name(name: object) -> str:
+def check_name(name: object) -> str:
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ConfigError(
             f"name={name!r}: an adapter name is a Python identifier of at most 64 characters "
@@ -203,26 +203,26 @@ def _check_name(name: object) -> str:
     return name
 
 
-def _attr(name: str) -> str:
+def state_attr(name: str) -> str:
     """The root attribute holding adapter ``name``: ``gpart`` for the default one, ``gpart_<name>``."""
     return STATE_ATTR if name == DEFAULT else f"{STATE_ATTR}_{name}"
 
 
-def _states(model: nn.Module) -> dict[str, GPartState]:
+def adapter_states(model: nn.Module) -> dict[str, GPartState]:
     """Every adapter of ``model`` by name, in the order they were applied."""
     found = model._modules.items() if isinstance(model, nn.Module) else ()
-    return {m.name: m for a, m in found if isinstance(m, GPartState) and a == _attr(m.name)}
+    return {m.name: m for a, m in found if isinstance(m, GPartState) and a == state_attr(m.name)}
 
 
-def _find_state(model: nn.Module, name: str = DEFAULT) -> GPartState | None:
-    return _states(model).get(name)
+def find_state(model: nn.Module, name: str = DEFAULT) -> GPartState | None:
+    return adapter_states(model).get(name)
 
 
-def _state(model: nn.Module, name: object = DEFAULT) -> GPartState:
+def adapter_state(model: nn.Module, name: object = DEFAULT) -> GPartState:
     if not isinstance(model, nn.Module):
         raise ConfigError(f"expected a torch.nn.Module, got {type(model).__name__}.")
-    name = _check_name(name)
-    states = _states(model)
+    name = check_name(name)
+    states = adapter_states(model)
     if name not in states:
         if states:
             raise StateError(
@@ -264,7 +264,7 @@ def _gpart_tensors(module: nn.Module) -> list[str]:
     ]
 
 
-def _plan(
+def plan_adapter(
     model: nn.Module,
     config: GPartConfig,
     *,
@@ -282,36 +282,36 @@ def _plan(
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"expected a torch.nn.Module, got {type(model).__name__}.")
-    name = _check_name(name)
-    states = _states(model)
+    name = check_name(name)
+    states = adapter_states(model)
     if name in states:
         again = "gpart.remove(model)" if name == DEFAULT else f"gpart.remove(model, name={name!r})"
         raise StateError(
             f"gpart is already applied to this {type(model).__name__} as the adapter {name!r}. Pass "
             f"another name= to add a second adapter, or call {again} first."
         )
-    if hasattr(model, _attr(name)):
+    if hasattr(model, state_attr(name)):
         raise StateError(
-            f"{type(model).__name__} already has an attribute {_attr(name)!r}; gpart stores the "
+            f"{type(model).__name__} already has an attribute {state_attr(name)!r}; gpart stores the "
             f"adapter {name!r} there. Rename that attribute or pick another adapter name."
         )
     if not (targets is None or isinstance(targets, str) or callable(targets)):
         _names(targets, "targets")
-    module_names = [n for n, _ in model.named_modules() if n.split(".")[0] not in map(_attr, states)]
+    module_names = [n for n, _ in model.named_modules() if n.split(".")[0] not in map(state_attr, states)]
     for name in config.trainable:
-        if not any(_name_matches(m, (name,)) for m in module_names):
+        if not any(name_matches(m, (name,)) for m in module_names):
             raise TargetError(
                 f"trainable={list(config.trainable)!r}: {name!r} matches no module (exact name or "
-                f"dotted suffix); {_hint([name], module_names)}."
+                f"dotted suffix); {suggest([name], module_names)}."
             )
-    trainable_modules = [m for m in module_names if _name_matches(m, config.trainable)]
+    trainable_modules = [m for m in module_names if name_matches(m, config.trainable)]
     host = next(iter(states.values())).host if states else None
     layout = resolve(
         model,
         targets=targets,
         target_parameters=_names(target_parameters, "target_parameters"),
         bias=config.bias,
-        exclude=[*trainable_modules, *map(_attr, states)],
+        exclude=[*trainable_modules, *map(state_attr, states)],
         exact=exact,
         stacked={t.name for s in states.values() for t in s.layout.targets},
         orders=host.order if host is not None else {},
@@ -362,15 +362,15 @@ def _scales(
     return group_scales(counts, isometric=config.isometric)
 
 
-#: The settings an adapter can change in place (:func:`_plan_swap`): the partition is the
+#: The settings an adapter can change in place (:func:`plan_swap`): the partition is the
 #: position hash, whose seed and d are runtime values of every kernel.
 SWAPPABLE = ("d", "seed")
 
 
-def _plan_swap(model: nn.Module, state: GPartState, config: GPartConfig):
+def plan_swap(model: nn.Module, state: GPartState, config: GPartConfig):
     """Checks and values to give the adapter ``state`` another seed and d in place (a hot swap).
 
-    Returns ``(segments, scales, hash bases)``: everything :func:`_swap` writes. The group
+    Returns ``(segments, scales, hash bases)``: everything :func:`swap_partition` writes. The group
     counts are recounted (one pass over the index space); nothing is registered again.
     """
     if state.config.projection != "partition" or state.config.assignment != "hash":
@@ -387,12 +387,12 @@ def _plan_swap(model: nn.Module, state: GPartState, config: GPartConfig):
     parts = _segments(state.layout, config)
     device = state.scale.device
     scale = _scales(model, state.layout, parts, config, backend=state.backend, device=device)
-    bases = [torch.tensor(_hash_base(part.seed, part.start), device=device) for part in parts]
+    bases = [torch.tensor(hash_base(part.seed, part.start), device=device) for part in parts]
     return parts, scale, bases
 
 
-def _swap(state: GPartState, entries, config: GPartConfig, planned) -> None:
-    """Write what :func:`_plan_swap` computed: in place wherever the sizes allow (no tensor that a
+def swap_partition(state: GPartState, entries, config: GPartConfig, planned) -> None:
+    """Write what :func:`plan_swap` computed: in place wherever the sizes allow (no tensor that a
     compiled graph holds is replaced when d is unchanged), so nothing recompiles. With another d,
     theta and the scales are new tensors."""
     parts, scale, bases = planned
@@ -445,7 +445,7 @@ def _w0(model: nn.Module, target: Target) -> torch.Tensor:
     return getattr(module, target.param_name)
 
 
-def _check_runtime(backend: object, recompute: object) -> None:
+def check_runtime(backend: object, recompute: object) -> None:
     if backend not in ("auto", *_delta.BACKENDS):
         raise ConfigError(
             f"backend={backend!r}: unknown kernel; use 'auto' (compiled for large D when torch.compile "
@@ -512,7 +512,7 @@ class _Transaction:
 
 
 @contextlib.contextmanager
-def _atomic(model: nn.Module) -> Iterator[None]:
+def atomic(model: nn.Module) -> Iterator[None]:
     """Run a change to ``model``; on any exception (out-of-memory included) undo it and re-raise."""
     transaction = _Transaction(model)
     try:
@@ -522,7 +522,7 @@ def _atomic(model: nn.Module) -> Iterator[None]:
         raise
 
 
-def _install(
+def install_adapter(
     model: nn.Module,
     config: GPartConfig,
     layout: Layout,
@@ -543,7 +543,7 @@ def _install(
     stored = _stored_ids(model, layout, parts, config)
     if config.projection == "fastfood":
         state.set_fastfood(*fastfood.draw(config.seed, config.d, layout.size), device=scale.device)
-    others = _states(model)
+    others = adapter_states(model)
     host = next(iter(others.values())).host if others else None
     modules = {t.module_name: model.get_submodule(t.module_name) for t in layout.targets}
     fresh = {n: m for n, m in modules.items() if not _gpart_tensors(m)}  # no adapter on them yet
@@ -555,8 +555,8 @@ def _install(
             **{n: type(m) for n, m in fresh.items() if parametrize.is_parametrized(m)},
         },
     )
-    trainable = [m for n, m in model.named_modules() if _name_matches(n, config.trainable)]
-    with _atomic(model):
+    trainable = [m for n, m in model.named_modules() if name_matches(n, config.trainable)]
+    with atomic(model):
         for module in modules.values():
             # torch would add gpart's properties to a class that copies of the model share (one
             # another parametrization made, or the one of another copy): a private class instead.
@@ -570,7 +570,7 @@ def _install(
             parametrize.register_parametrization(
                 module, target.param_name, GPartParametrization(state, target, part, ids), unsafe=True
             )
-        setattr(model, _attr(name), state)
+        setattr(model, state_attr(name), state)
         for other in others.values():
             other.host = state.host
             other.active = False
@@ -594,7 +594,7 @@ def _install(
             state.packs.append((owner, pack))
         if freeze:
             for pname, p in model.named_parameters():
-                if pname != f"{_attr(name)}.theta":
+                if pname != f"{state_attr(name)}.theta":
                     p.requires_grad_(False)
         for module in trainable:
             module.requires_grad_(True)
@@ -624,7 +624,7 @@ def _own_class(module: nn.Module) -> None:
 def _uninstall(
     model: nn.Module, state: GPartState, entries: list[tuple[nn.Module, str, GPartParametrization]]
 ) -> None:
-    """Undo :func:`_install` of one adapter (the caller makes it atomic); the others stay.
+    """Undo :func:`install_adapter` of one adapter (the caller makes it atomic); the others stay.
 
     A module no adapter parametrizes any more gets back its parameter order and, if it carried
     another parametrization before gpart, its class object. When the last adapter goes, every
@@ -655,8 +655,8 @@ def _uninstall(
             module.__class__ = host.classes[name]
         params = module._parameters
         params.update({k: params.pop(k) for k in host.order.get(name, ()) if k in params})
-    delattr(model, _attr(state.name))
-    rest = _states(model)
+    delattr(model, state_attr(state.name))
+    rest = adapter_states(model)
     if rest:
         kept = _Host(
             flags=host.flags,
@@ -749,7 +749,7 @@ def apply(
     >>> [n for n, p in model.named_parameters() if p.requires_grad]
     ['2.weight', '2.bias', 'gpart.theta']
     """
-    config = _make_config(
+    config = make_config(
         d=d,
         seed=seed,
         isometric=isometric,
@@ -764,18 +764,22 @@ def apply(
     )
     if not isinstance(freeze, bool):
         raise ConfigError(f"freeze={freeze!r}: must be True or False.")
-    _check_runtime(backend, recompute)
-    layout, scale, backend = _plan(
+    check_runtime(backend, recompute)
+    layout, scale, backend = plan_adapter(
         model, config, targets=targets, target_parameters=target_parameters, backend=backend, name=name
     )
-    _install(model, config, layout, scale, freeze=freeze, backend=backend, recompute=recompute, name=name)
+    install_adapter(
+        model, config, layout, scale, freeze=freeze, backend=backend, recompute=recompute, name=name
+    )
     if config.init_bound > 0:
         with torch.no_grad():
-            _state(model, name).theta.uniform_(-config.init_bound, config.init_bound)
+            adapter_state(model, name).theta.uniform_(-config.init_bound, config.init_bound)
     return model
 
 
-def _parametrized(model: nn.Module, state: GPartState) -> list[tuple[nn.Module, str, GPartParametrization]]:
+def installed_targets(
+    model: nn.Module, state: GPartState
+) -> list[tuple[nn.Module, str, GPartParametrization]]:
     """Every (module, tensor name, parametrization) gpart installed; checks nothing is missing."""
     out = []
     for target in state.layout.targets:
@@ -817,8 +821,8 @@ def merge(model: nn.Module, *, name: str = DEFAULT) -> nn.Module:
     >>> torch.equal(gpart.merge(model)(torch.ones(1, 4)), y)
     True
     """
-    state = _state(model, name)
-    entries = _parametrized(model, state)
+    state = adapter_state(model, name)
+    entries = installed_targets(model, state)
     sharded = [n for n, p in model.named_parameters() if callable(getattr(p, "full_tensor", None))]
     if sharded:
         raise StateError(
@@ -830,7 +834,7 @@ def merge(model: nn.Module, *, name: str = DEFAULT) -> nn.Module:
     with torch.no_grad():  # every value first (what can run out of memory), the model unchanged
         originals = [module.parametrizations[pname].original for module, pname, _ in entries]
         merged = [p.effective(w0, dropout=0.0) for w0, (_, _, p) in zip(originals, entries, strict=True)]
-        with _atomic(model):
+        with atomic(model):
             _uninstall(model, state, entries)
         for original, value in zip(originals, merged, strict=True):  # no allocation: same shape, dtype
             original.copy_(value)
@@ -849,9 +853,9 @@ def remove(model: nn.Module, *, name: str = DEFAULT) -> nn.Module:
     >>> gpart.remove(gpart.apply(model, d=3, seed=0))[0].weight is w
     True
     """
-    state = _state(model, name)
-    entries = _parametrized(model, state)
-    with _atomic(model):
+    state = adapter_state(model, name)
+    entries = installed_targets(model, state)
+    with atomic(model):
         _uninstall(model, state, entries)
     return model
 
@@ -866,8 +870,8 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     ...     torch.equal(model[0].weight, model[0].parametrizations.weight.original)
     True
     """
-    _state(model, next(iter(_states(model)), DEFAULT))
-    before = {state: state.enabled for state in _states(model).values()}
+    adapter_state(model, next(iter(adapter_states(model)), DEFAULT))
+    before = {state: state.enabled for state in adapter_states(model).values()}
     for state in before:
         state.enabled = False
     try:
@@ -890,7 +894,7 @@ def cached(model: nn.Module) -> Iterator[nn.Module]:
     ...     model[0].weight is model[0].weight
     True
     """
-    _state(model, next(iter(_states(model)), DEFAULT))
+    adapter_state(model, next(iter(adapter_states(model)), DEFAULT))
     with parametrize.cached():
         yield model
 
@@ -902,7 +906,7 @@ def theta(model: nn.Module, name: str = DEFAULT) -> nn.Parameter:
     >>> gpart.theta(gpart.apply(torch.nn.Sequential(torch.nn.Linear(4, 4)), d=3, seed=0)).shape
     torch.Size([3])
     """
-    return _state(model, name).theta
+    return adapter_state(model, name).theta
 
 
 def adapters(model: nn.Module) -> dict[str, bool]:
@@ -915,7 +919,7 @@ def adapters(model: nn.Module) -> dict[str, bool]:
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"expected a torch.nn.Module, got {type(model).__name__}.")
-    return {name: state.active for name, state in _states(model).items()}
+    return {name: state.active for name, state in adapter_states(model).items()}
 
 
 def set_active(model: nn.Module, names: str | Sequence[str]) -> nn.Module:
@@ -934,7 +938,7 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> nn.Module:
     >>> gpart.adapters(model)
     {'default': True, 'b': True}
     """
-    states = _states(model) if isinstance(model, nn.Module) else None
+    states = adapter_states(model) if isinstance(model, nn.Module) else None
     if states is None:
         raise ConfigError(f"expected a torch.nn.Module, got {type(model).__name__}.")
     chosen = (names,) if isinstance(names, str) else names
@@ -994,7 +998,7 @@ def summary(model: nn.Module, *, name: str = DEFAULT) -> Summary:
     >>> print(gpart.summary(model))
     theta: 3 | other trainable: 0 | trainable: 3 of 23 (13.0435%)
     """
-    theta_param = _state(model, name).theta
+    theta_param = adapter_state(model, name).theta
     other = sum(p.numel() for p in model.parameters() if p.requires_grad and p is not theta_param)
     total = sum(p.numel() for p in model.parameters())
     return Summary(theta=theta_param.numel(), other_trainable=other, total=total)

@@ -22,7 +22,7 @@ from torch import nn
 
 from . import _delta, fastfood
 from .errors import StateError
-from .partition import _hash_base
+from .partition import hash_base
 from .targets import Layout, Segment, Target
 
 __all__ = ["GPartConfig", "GPartParametrization", "GPartState", "Pack", "SaveRecipes"]
@@ -517,9 +517,7 @@ class GPartParametrization(nn.Module):
         # The hash offset as a tensor, for torch.compile: a constant offset lets Inductor run its
         # value-range analysis through the 64-bit hash with exact huge integers, which takes
         # minutes; a buffer is a runtime input with an unknown range. 8 bytes, not saved.
-        self.register_buffer(
-            "hash_base", torch.tensor(_hash_base(segment.seed, self.start)), persistent=False
-        )
+        self.register_buffer("hash_base", torch.tensor(hash_base(segment.seed, self.start)), persistent=False)
         # Group ids drawn or sorted at apply (gpart.assignment); None: hashed on the fly.
         self.register_buffer("ids", ids, persistent=False)
         self.pack: Pack | None = None  # set by gpart.apply for small targets
@@ -594,8 +592,8 @@ class GPartParametrization(nn.Module):
             else:
                 key = _draw_key() if key is None else key
                 keep = _delta.keep_mask(self.start, self.numel, self.segment.seed, dropout, key, w0.device)
-            delta = torch.where(keep, delta * _delta._keep_scale(dropout), 0.0)
-        return _delta._add(w0.reshape(-1), delta).view(w0.shape)
+            delta = torch.where(keep, delta * _delta.dropout_scale(dropout), 0.0)
+        return _delta.add_delta(w0.reshape(-1), delta).view(w0.shape)
 
     def extra_repr(self) -> str:
         return f"start={self.start}, numel={self.numel}"

@@ -54,7 +54,7 @@ def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
     return (z >> k) & ((1 << (64 - k)) - 1)
 
 
-def _umod(z: torch.Tensor, d: int) -> torch.Tensor:
+def umod(z: torch.Tensor, d: int) -> torch.Tensor:
     """``z mod d`` with ``z`` read as unsigned 64-bit, for ``0 < d < 2**63``; may reuse ``z``'s memory."""
     if _is_pow2(d):  # its low bits, in place: a mask instead of a division (13 vs 180 us per 131,072)
         return z.bitwise_and_(d - 1)
@@ -72,7 +72,7 @@ def _xorshift_(z: torch.Tensor, k: int, scratch: torch.Tensor | None) -> None:
     z ^= t
 
 
-def _mix_(z: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+def mix_(z: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """SplitMix64 output function, in place, on int64 bit patterns (eager and compiled alike).
 
     Eagerly every op is a pass over memory, and on a CPU a fresh tensor of a MiB or more is
@@ -88,26 +88,26 @@ def _mix_(z: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
     return z
 
 
-def _splitmix64(key: int, start: int, count: int, device: torch.device | str | None) -> torch.Tensor:
+def splitmix64(key: int, start: int, count: int, device: torch.device | str | None) -> torch.Tensor:
     """SplitMix64 output of ``key + start + k`` for ``k`` in ``[0, count)``, as int64 bit patterns."""
-    base = _hash_base(key, start)
+    base = hash_base(key, start)
     if base + count < 1 << 63:  # one op instead of two (almost always: base is a 64-bit hash offset)
         z = torch.arange(base, base + count, dtype=torch.int64, device=device)
     else:
         z = torch.arange(count, dtype=torch.int64, device=device)
         z += base  # wraps modulo 2**64, like uint64
-    return _mix_(z, torch.empty_like(z))
+    return mix_(z, torch.empty_like(z))
 
 
-def _hash_base(key: int, start: int) -> int:
-    """The int64 that ``arange(count)`` is offset by before mixing (see :func:`_splitmix64`)."""
+def hash_base(key: int, start: int) -> int:
+    """The int64 that ``arange(count)`` is offset by before mixing (see :func:`splitmix64`)."""
     return _as_int64(key + start + _GOLDEN)
 
 
 _MASK_MULT = _as_int64(0xD1342543DE82EF95)  # an odd multiplier with good spectral figures of merit
 
 
-def _mask_key(key: int) -> int:
+def mask_key(key: int) -> int:
     """A dropout key spread over all 64 bits (SplitMix64 of ``key``), as an int64."""
     z = (key + _GOLDEN) % _U64
     z = ((z ^ (z >> 30)) * _MIX1) % _U64
@@ -115,23 +115,23 @@ def _mask_key(key: int) -> int:
     return _as_int64(z ^ (z >> 31))
 
 
-def _keep(z: torch.Tensor, mkey, cutoff) -> torch.Tensor:
+def dropout_keep(z: torch.Tensor, mkey, cutoff) -> torch.Tensor:
     """The dropout keep-mask of positions whose hashes are ``z``: ``(z ^ mkey) * m >= cutoff``.
 
     ``z`` is the position's SplitMix64 hash (the one its group id comes from) and ``mkey`` a
-    call's key spread by :func:`_mask_key`, so ``z ^ mkey`` is uniform and independent from call
+    call's key spread by :func:`mask_key`, so ``z ^ mkey`` is uniform and independent from call
     to call; the odd multiplier carries every bit into the top ones. As a signed int64 the product
     is uniform over ``[-2**63, 2**63)``, so with ``cutoff = (round(p * 2**24) << 40) - 2**63`` an
     entry is dropped with probability ``p`` rounded to 2**-24: an integer comparison, exact on
     every device. Three ops per entry, none a second hash. ``mkey`` and ``cutoff`` may be 0-d
     int64 tensors.
     """
-    u = z ^ mkey  # one temporary, then in place (see _mix_)
+    u = z ^ mkey  # one temporary, then in place (see mix_)
     u *= _MASK_MULT
     return u >= cutoff
 
 
-#: :func:`_umod_fast` serves d below this bound (its proof needs it, and the compiled gather reads
+#: :func:`umod_fast` serves d below this bound (its proof needs it, and the compiled gather reads
 #: group ids as int32).
 FAST_MOD_LIMIT = 1 << 31
 _TWO64 = float(_U64)
@@ -139,7 +139,7 @@ _TWO64 = float(_U64)
 _QMAX = float((1 << 63) - (1 << 10))
 
 
-def _umod_fast(z: torch.Tensor, d, inv_d) -> torch.Tensor:
+def umod_fast(z: torch.Tensor, d, inv_d) -> torch.Tensor:
     """Unsigned ``z mod d`` without integer division (which has no SIMD form), for ``2 <= d < 2**31``.
 
     A float64 estimate of the quotient, an exact int64 remainder, one exact float64 correction.
@@ -152,7 +152,7 @@ def _umod_fast(z: torch.Tensor, d, inv_d) -> torch.Tensor:
     from the next integer: ``floor`` is exact, or one too low when ``d`` divides ``r``, which leaves
     ``r - floor(...) * d == d``; one correction removes it. The clamp keeps ``q`` inside int64 (a
     float beyond it converts to an undefined value in C++; it binds only for d = 2). d = 1 would
-    overflow ``r``: powers of two take :func:`_umod_pow2`. ``d`` and ``inv_d`` may be 0-d tensors
+    overflow ``r``: powers of two take :func:`umod_pow2`. ``d`` and ``inv_d`` may be 0-d tensors
     (compiled callers pass tensors so that one compiled kernel serves every d). Returns int64.
     """
     zf = z.to(torch.float64)
@@ -164,14 +164,14 @@ def _umod_fast(z: torch.Tensor, d, inv_d) -> torch.Tensor:
     return torch.where(r >= d_f, r - d_f, r).to(torch.int64)
 
 
-#: :func:`_umod_split` serves d up to this bound (its float64 integers must stay below 2**53).
+#: :func:`umod_split` serves d up to this bound (its float64 integers must stay below 2**53).
 SPLIT_MOD_LIMIT = 1 << 21
 
 
-def _umod_split(z: torch.Tensor, d, inv_d, r32) -> torch.Tensor:
+def umod_split(z: torch.Tensor, d, inv_d, r32) -> torch.Tensor:
     """Unsigned ``z mod d`` from the 32-bit halves of ``z``, for ``2 <= d <= 2**21``.
 
-    About half the vector work of :func:`_umod_fast` (measured: 0.42 vs 0.94 ns per entry on
+    About half the vector work of :func:`umod_fast` (measured: 0.42 vs 0.94 ns per entry on
     top of the hash; no 64-bit multiply, no sign fix-up). Why it is exact: with ``u = hi * 2**32
     + lo`` the unsigned value of ``z`` and ``r32 = 2**32 mod d``, ``u`` is congruent to
     ``x = hi * r32 + lo`` modulo ``d``, and ``0 <= x <= (2**32 - 1) * d < 2**53``, so ``hi``,
@@ -188,21 +188,21 @@ def _umod_split(z: torch.Tensor, d, inv_d, r32) -> torch.Tensor:
     return torch.where(r >= d_f, r - d_f, r).to(torch.int64)
 
 
-def _mod_constants(d: int) -> tuple[float, float]:
-    """``(1/d, 2**32 mod d)`` as floats: the ``inv_d`` and ``r32`` of :func:`_umod_fast` and
-    :func:`_umod_split` (computed once per d by their callers, never inside a kernel)."""
+def mod_constants(d: int) -> tuple[float, float]:
+    """``(1/d, 2**32 mod d)`` as floats: the ``inv_d`` and ``r32`` of :func:`umod_fast` and
+    :func:`umod_split` (computed once per d by their callers, never inside a kernel)."""
     return 1.0 / d, float((1 << 32) % d)
 
 
-def _mod_kind(d: int) -> str:
+def mod_kind(d: int) -> str:
     """Which unsigned modulo serves ``d`` in the compiled kernels: a mask for a power of two,
-    :func:`_umod_split` up to 2**21, :func:`_umod_fast` below 2**31, else :func:`_umod` (eager)."""
+    :func:`umod_split` up to 2**21, :func:`umod_fast` below 2**31, else :func:`umod` (eager)."""
     if _is_pow2(d):
         return "pow2"
     return "split" if d <= SPLIT_MOD_LIMIT else "fast" if d < FAST_MOD_LIMIT else "exact"
 
 
-def _umod_pow2(z: torch.Tensor, d) -> torch.Tensor:
+def umod_pow2(z: torch.Tensor, d) -> torch.Tensor:
     """Unsigned ``z mod d`` for a power of two ``d`` (1 included): its low bits."""
     return z & (d - 1)
 
@@ -226,7 +226,7 @@ def group_ids(
         raise ValueError(f"d must be in [1, 2**63), got {d}")
     if start < 0 or count < 0:
         raise ValueError(f"start and count must be >= 0, got start={start}, count={count}")
-    return _umod(_splitmix64(seed, start, count, device), d)
+    return umod(splitmix64(seed, start, count, device), d)
 
 
 def group_counts(

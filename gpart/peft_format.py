@@ -30,29 +30,39 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .core import DEFAULT, _attr, _check_name, _check_runtime, _find_state, _install, _plan, _state, _states
+from .core import (
+    DEFAULT,
+    adapter_state,
+    adapter_states,
+    check_name,
+    check_runtime,
+    find_state,
+    install_adapter,
+    plan_adapter,
+    state_attr,
+)
 from .errors import FormatError, LayoutError, StateError
 from .parametrization import GPartConfig
 from .serialization import (
-    _EXTRA,
-    _as_path,
-    _atomic_save,
-    _atomic_write,
-    _check_finite,
-    _check_theta,
-    _commit,
-    _fit_params,
-    _loads,
-    _name_ok,
-    _parse,
-    _read_safetensors,
-    _settings,
-    _shown,
-    _staged,
-    _write,
+    EXTRA,
+    as_path,
+    atomic_save,
+    atomic_write,
+    check_finite,
+    check_theta,
+    commit_values,
+    excerpt,
+    file_config,
+    fit_params,
+    load_json,
+    name_ok,
+    parse_metadata,
     read,
+    read_safetensors,
+    stage_values,
+    write_file,
 )
-from .targets import _linear_types, _name_matches
+from .targets import linear_types, name_matches
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "load_peft", "read_peft", "save_peft"]
 
@@ -85,7 +95,7 @@ def read_peft(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tenso
     ...
     gpart.errors.FormatError: 'no/such/dir' has no adapter_config.json; ...
     """
-    directory = _as_path(directory, "read_peft")
+    directory = as_path(directory, "read_peft")
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     if not config_path.is_file():
         raise FormatError(
@@ -96,10 +106,10 @@ def read_peft(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tenso
         text = config_path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise FormatError(f"{str(config_path)!r} is not a readable UTF-8 text file ({err}).") from None
-    kwargs = _kwargs_from_config(config_path, _loads(text, repr(str(config_path))))
+    kwargs = _kwargs_from_config(config_path, load_json(text, repr(str(config_path))))
     if not weights_path.is_file():
         raise FormatError(f"{str(directory)!r} has {CONFIG_FILE} but no {WEIGHTS_FILE}; copy both files.")
-    stored, _ = _read_safetensors(weights_path, "the reference writes it with save_pretrained")
+    stored, _ = read_safetensors(weights_path, "the reference writes it with save_pretrained")
     return kwargs, _tensors(weights_path, stored, kwargs["d"])
 
 
@@ -111,15 +121,13 @@ def _kwargs_from_config(path: Path, raw: object) -> dict:
         if raw.get(key) not in allowed:
             supported = [a for a in allowed if a is not None]
             raise FormatError(
-                f"{where}: {key}={_shown(raw.get(key))} is not supported; gpart implements "
+                f"{where}: {key}={excerpt(raw.get(key))} is not supported; gpart implements "
                 f"{key} in {supported} (the reference's defaults). Retrain with those settings."
             )
     targets = raw.get("target_modules")
-    if not (
-        _name_ok(targets) or (isinstance(targets, list) and targets and all(_name_ok(t) for t in targets))
-    ):
+    if not (name_ok(targets) or (isinstance(targets, list) and targets and all(name_ok(t) for t in targets))):
         raise FormatError(
-            f"{where}: target_modules={_shown(targets)}; gpart needs the explicit list of module "
+            f"{where}: target_modules={excerpt(targets)}; gpart needs the explicit list of module "
             "names (or one regex) the adapter was trained with, not a model-type default."
         )
     layers, pattern = raw.get("layers_to_transform"), raw.get("layers_pattern")
@@ -142,14 +150,16 @@ def _kwargs_from_config(path: Path, raw: object) -> dict:
     if layers not in (None, []) and isinstance(targets, list):  # PEFT ignores them for a regex
         targets = _LayerFilter.parse(where, targets, layers, pattern)
     saved = raw.get("modules_to_save")
-    if saved is not None and not (isinstance(saved, list) and all(_name_ok(m) for m in saved)):
-        raise FormatError(f"{where}: modules_to_save={_shown(saved)} must be a list of module names or null.")
+    if saved is not None and not (isinstance(saved, list) and all(name_ok(m) for m in saved)):
+        raise FormatError(
+            f"{where}: modules_to_save={excerpt(saved)} must be a list of module names or null."
+        )
     for key in ("d", "proj_seed"):
         if key not in raw:
             raise FormatError(
                 f"{where}: the setting {key!r} is missing; the file is not a complete adapter config."
             )
-    config = _settings(
+    config = file_config(
         where,
         d=raw["d"],
         seed=raw["proj_seed"],
@@ -193,17 +203,17 @@ class _LayerFilter:
         patterns = [pattern] if isinstance(pattern, str) else pattern if pattern is not None else []
         if not (isinstance(layers, list) and all(type(i) is int for i in layers)):
             raise FormatError(
-                f"{where}: layers_to_transform={_shown(layers)} must be an int or a list of ints."
+                f"{where}: layers_to_transform={excerpt(layers)} must be an int or a list of ints."
             )
         if not (isinstance(patterns, list) and all(isinstance(p, str) and p for p in patterns)):
             raise FormatError(
-                f"{where}: layers_pattern={_shown(pattern)} must be a name, a list of names or null."
+                f"{where}: layers_pattern={excerpt(pattern)} must be a name, a list of names or null."
             )
         try:
             return cls(list(modules), tuple(layers), tuple(patterns))
         except re.error as err:
             raise FormatError(
-                f"{where}: layers_pattern={_shown(pattern)} is not a valid regex ({err})."
+                f"{where}: layers_pattern={excerpt(pattern)} is not a valid regex ({err})."
             ) from None
 
     def __call__(self, name: str, module: nn.Module) -> bool:
@@ -238,7 +248,7 @@ def _tensors(path: Path, stored: dict[str, torch.Tensor], d: int) -> dict[str, t
                 f"'{_PREFIX}*' parameters of the saved modules only."
             )
         out[key[len(_PREFIX) :].replace(_WRAPPED, ".")] = value
-    _check_finite(path, out)
+    check_finite(path, out)
     return out
 
 
@@ -269,8 +279,8 @@ def load_peft(
     >>> torch.equal(fresh(torch.ones(1, 4)), model(torch.ones(1, 4)))
     True
     """
-    _check_runtime(backend, recompute)
-    if _find_state(model, _check_name(name)) is not None:
+    check_runtime(backend, recompute)
+    if find_state(model, check_name(name)) is not None:
         again = "gpart.remove(model)" if name == DEFAULT else f"gpart.remove(model, name={name!r})"
         raise StateError(
             f"{type(model).__name__} already has a gpart adapter named {name!r}; load_peft applies "
@@ -280,12 +290,14 @@ def load_peft(
     config, (layout, scale, backend), extras = _fit(
         model, directory, kwargs, tensors, backend=backend, name=name
     )
-    theta, staged = _staged(tensors["theta"], extras, scale.device)
+    theta, staged = stage_values(tensors["theta"], extras, scale.device)
 
     def install() -> None:
-        _install(model, config, layout, scale, freeze=True, backend=backend, recompute=recompute, name=name)
+        install_adapter(
+            model, config, layout, scale, freeze=True, backend=backend, recompute=recompute, name=name
+        )
 
-    _commit(model, install, theta, staged, name)
+    commit_values(model, install, theta, staged, name)
     return model
 
 
@@ -299,12 +311,12 @@ def _fit(
     """
     modules = [n for n, _ in model.named_modules()]
     # PEFT ignores modules_to_save entries that match nothing (e.g. "score" on an encoder).
-    trainable = [m for m in kwargs["trainable"] if any(_name_matches(n, (m,)) for n in modules if n)]
+    trainable = [m for m in kwargs["trainable"] if any(name_matches(n, (m,)) for n in modules if n)]
     settings = {k: v for k, v in kwargs.items() if k != "targets"}
     config = GPartConfig(
         **{**settings, "trainable": tuple(trainable), "block_containers": tuple(settings["block_containers"])}
     )
-    plan = _plan(
+    plan = plan_adapter(
         model,
         config,
         targets=kwargs["targets"],
@@ -314,7 +326,7 @@ def _fit(
         name=name,
     )
     extras = {k: v for k, v in tensors.items() if k != "theta"}
-    params, problems = _fit_params(
+    params, problems = fit_params(
         model, extras, declared=config.trainable, targets=[t.name for t in plan[0].targets]
     )
     if problems:
@@ -325,21 +337,21 @@ def _fit(
     return config, plan, {n: (params[n], extras[n]) for n in params}
 
 
-def _to_gpart_file(directory: str | os.PathLike, model: nn.Module, path: str | os.PathLike) -> Path:
+def to_gpart_file(directory: str | os.PathLike, model: nn.Module, path: str | os.PathLike) -> Path:
     """Convert a reference adapter directory into a gpart file, for the architecture of ``model``.
 
     ``model`` only supplies the layout (names and shapes): it is not modified, and a model on
     the ``meta`` device (no memory, no weights) is enough. Nothing is hashed: a 7B model's layout
     takes well under a second.
     """
-    path = _as_path(path, "convert")
+    path = as_path(path, "convert")
     kwargs, tensors = read_peft(directory)
     config, (layout, _, _), extras = _fit(model, directory, kwargs, tensors, backend=None)
     values = {n: v for n, (_, v) in extras.items()}
-    return _write(path, config, layout.entries(), layout.size, tensors["theta"], values)
+    return write_file(path, config, layout.entries(), layout.size, tensors["theta"], values)
 
 
-def _from_gpart_file(path: str | os.PathLike, directory: str | os.PathLike) -> Path:
+def from_gpart_file(path: str | os.PathLike, directory: str | os.PathLike) -> Path:
     """Convert a gpart file into a reference adapter directory (no model needed).
 
     The file records target names and shapes, not module types: every target must be the
@@ -347,10 +359,10 @@ def _from_gpart_file(path: str | os.PathLike, directory: str | os.PathLike) -> P
     ``nn.Linear``/``Conv1D``; that the modules are of those types is the caller's responsibility
     (:func:`save_peft` checks it on a live model).
     """
-    path = _as_path(path, "convert")
+    path = as_path(path, "convert")
     tensors, metadata = read(path)
-    config, entries, _ = _parse(path, metadata)
-    theta = _check_theta(path, tensors, config.d)
+    config, entries, _ = parse_metadata(path, metadata)
+    theta = check_theta(path, tensors, config.d)
     dims = {name: len(shape) for name, shape in entries}
     bad = [
         n
@@ -365,9 +377,9 @@ def _from_gpart_file(path: str | os.PathLike, directory: str | os.PathLike) -> P
             f"cannot convert {str(path)!r} to the reference format: {bad[:3]} are not 2-D module "
             "weights (or their biases), and the reference adapts Linear/Conv1D weights only."
         )
-    extras = {k[len(_EXTRA) :]: v for k, v in tensors.items() if k.startswith(_EXTRA)}
+    extras = {k[len(EXTRA) :]: v for k, v in tensors.items() if k.startswith(EXTRA)}
     modules = [n.rpartition(".")[0] for n, _ in entries]
-    return _write_peft(_as_path(directory, "convert"), config, modules, theta, extras)
+    return _write_peft(as_path(directory, "convert"), config, modules, theta, extras)
 
 
 def save_peft(
@@ -386,9 +398,9 @@ def save_peft(
     ...     sorted(p.name for p in gpart.save_peft(model, tmp).iterdir())
     ['adapter_config.json', 'adapter_model.safetensors']
     """
-    directory = _as_path(directory, "save_peft")
-    state = _state(model, name)
-    linear = _linear_types()
+    directory = as_path(directory, "save_peft")
+    state = adapter_state(model, name)
+    linear = linear_types()
     bad = [
         t.name
         for t in state.layout.targets
@@ -402,7 +414,7 @@ def save_peft(
             "this adapter in gpart's own format (gpart.save)."
         )
     conv1d = any(type(model.get_submodule(t.module_name)).__name__ == "Conv1D" for t in state.layout.targets)
-    own = set(map(_attr, _states(model)))
+    own = set(map(state_attr, adapter_states(model)))
     extras = {n: p for n, p in model.named_parameters() if p.requires_grad and n.split(".")[0] not in own}
     return _write_peft(
         directory,
@@ -465,7 +477,7 @@ def _write_peft(
     }
     tensors = {_THETA_KEY: theta.detach().to("cpu", torch.float32, copy=True).contiguous()}
     tensors.update({_PREFIX + n: t.detach().to("cpu", copy=True).contiguous() for n, t in extras.items()})
-    _atomic_save(tensors, {"format": "pt"}, directory / WEIGHTS_FILE)
+    atomic_save(tensors, {"format": "pt"}, directory / WEIGHTS_FILE)
     text = json.dumps(settings, indent=2, sort_keys=True) + "\n"
-    _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return directory

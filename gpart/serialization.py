@@ -35,24 +35,24 @@ from ._version import __version__
 from .core import (
     DEFAULT,
     SWAPPABLE,
-    _atomic,
-    _attr,
-    _check_name,
-    _check_runtime,
-    _find_state,
-    _install,
-    _make_config,
-    _parametrized,
-    _plan,
-    _plan_swap,
-    _state,
-    _states,
-    _swap,
+    adapter_state,
+    adapter_states,
+    atomic,
+    check_name,
+    check_runtime,
+    find_state,
+    install_adapter,
+    installed_targets,
+    make_config,
+    plan_adapter,
+    plan_swap,
+    state_attr,
+    swap_partition,
 )
 from .errors import ConfigError, FormatError, GPartError, LayoutError, StateError
 from .parametrization import GPartConfig
 from .partition import ALGORITHM
-from .targets import _name_matches
+from .targets import name_matches
 
 __all__ = ["FORMAT_VERSION", "load", "read", "save"]
 
@@ -66,7 +66,7 @@ _OPTIONAL = {
     "projection": "partition",
     "block_containers": [],
 }  # settings written only when not the default
-_EXTRA = "trainable."
+EXTRA = "trainable."
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, trainable: bool = True, name: str = DEFAULT) -> Path:
@@ -87,21 +87,21 @@ def save(model: nn.Module, path: str | os.PathLike, *, trainable: bool = True, n
     ...     sorted(gpart.read(path)[0])
     ['theta']
     """
-    path = _as_path(path, "save")
-    state = _state(model, name)
+    path = as_path(path, "save")
+    state = adapter_state(model, name)
     extras, config = {}, state.config
     if trainable:
-        own = set(map(_attr, _states(model)))
+        own = set(map(state_attr, adapter_states(model)))
         extras = {n: p for n, p in model.named_parameters() if p.requires_grad and n.split(".")[0] not in own}
         config = _declaring(state, config, extras)
     theta = _gathered(state.theta)
     extras = {n: _gathered(p) for n, p in extras.items()}
     if _is_sharded(state.theta) and torch.distributed.get_rank() != 0:
         return path
-    return _write(path, config, state.layout.entries(), state.layout.size, theta, extras)
+    return write_file(path, config, state.layout.entries(), state.layout.size, theta, extras)
 
 
-def _as_path(path: object, verb: str) -> Path:
+def as_path(path: object, verb: str) -> Path:
     """``path`` as a Path, or a :class:`ConfigError` naming what was passed."""
     if not isinstance(path, (str, os.PathLike)):
         raise ConfigError(
@@ -121,7 +121,7 @@ def _declaring(state, config: GPartConfig, extras: dict[str, torch.Tensor]) -> G
     tensor made trainable by hand after ``apply`` gets its module declared. A module that holds
     a target cannot be declared (declared modules are never targets): that raises instead.
     """
-    modules = [m for m in (n.rpartition(".")[0] for n in extras) if not _name_matches(m, config.trainable)]
+    modules = [m for m in (n.rpartition(".")[0] for n in extras) if not name_matches(m, config.trainable)]
     if not modules:
         return config
     holding = sorted({m for m in modules if any(t.module_name == m for t in state.layout.targets)})
@@ -144,7 +144,7 @@ def _gathered(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if _is_sharded(t) else t
 
 
-def _write(
+def write_file(
     path: Path,
     config: GPartConfig,
     entries: list,
@@ -154,7 +154,7 @@ def _write(
 ) -> Path:
     """The file for an adapter given by its parts (also used by format conversion)."""
     tensors = {_THETA: theta.detach().to("cpu", torch.float32, copy=True).contiguous()}
-    tensors.update({_EXTRA + n: t.detach().to("cpu", copy=True).contiguous() for n, t in extras.items()})
+    tensors.update({EXTRA + n: t.detach().to("cpu", copy=True).contiguous() for n, t in extras.items()})
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -166,7 +166,7 @@ def _write(
         "config": json.dumps(_options(config), sort_keys=True),
         "targets": json.dumps(entries, separators=(",", ":")),
     }
-    _atomic_save(tensors, metadata, path)
+    atomic_save(tensors, metadata, path)
     return path
 
 
@@ -180,11 +180,11 @@ def _options(config: GPartConfig) -> dict:
     return options
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """``write(tmp)`` into a temporary file beside ``path``, then rename it into place.
 
     A crash never leaves a half-written file; every OS error is a :class:`FormatError` naming
@@ -227,10 +227,10 @@ def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, st
     ...
     gpart.errors.FormatError: no adapter file at 'no/such/file.safetensors'; ...
     """
-    path = _as_path(path, "read")
+    path = as_path(path, "read")
     if not path.is_file():
         raise FormatError(f"no adapter file at {str(path)!r}; check the path (gpart.save writes one file).")
-    tensors, metadata = _read_safetensors(path, "gpart adapters are written by gpart.save")
+    tensors, metadata = read_safetensors(path, "gpart adapters are written by gpart.save")
     if metadata.get("format") != FORMAT:
         raise FormatError(
             f"{str(path)!r} is a safetensors file but not a gpart adapter (format="
@@ -249,7 +249,7 @@ def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, st
     return tensors, metadata
 
 
-def _read_safetensors(path: Path, hint: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_safetensors(path: Path, hint: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Every tensor and the metadata of a safetensors file; any failure is a :class:`FormatError`."""
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -262,7 +262,7 @@ def _read_safetensors(path: Path, hint: str) -> tuple[dict[str, torch.Tensor], d
     return tensors, metadata
 
 
-def _loads(text: str, where: str) -> object:
+def load_json(text: str, where: str) -> object:
     """JSON ``text`` parsed; malformed or absurdly nested text is a :class:`FormatError`."""
     try:
         return json.loads(text)
@@ -273,16 +273,16 @@ def _loads(text: str, where: str) -> object:
         ) from None
 
 
-def _shown(value: object) -> str:
+def excerpt(value: object) -> str:
     """``repr(value)``, cut short: a hostile file's value must not flood a message."""
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _settings(where: str, **settings: object) -> GPartConfig:
+def file_config(where: str, **settings: object) -> GPartConfig:
     """The settings read from a file, validated exactly as :func:`gpart.apply` validates them."""
     try:
-        return _make_config(**settings)
+        return make_config(**settings)
     except ConfigError as err:
         raise FormatError(f"{where} holds an invalid setting: {err}") from None
 
@@ -293,7 +293,7 @@ def _decimal(text: str, key: str, where: str) -> int:
     return int(text)
 
 
-def _name_ok(name: object) -> bool:
+def name_ok(name: object) -> bool:
     """A usable qualified tensor name: a non-empty str that UTF-8 can encode (no lone surrogates)."""
     if not isinstance(name, str) or not name:
         return False
@@ -311,7 +311,7 @@ def _entries(raw: object, where: str) -> list[tuple[str, list[int]]]:
         problem = "a non-empty list of [name, shape] pairs"
     else:
         for entry in raw:
-            ok = isinstance(entry, list) and len(entry) == 2 and _name_ok(entry[0])
+            ok = isinstance(entry, list) and len(entry) == 2 and name_ok(entry[0])
             ok = ok and isinstance(entry[1], list)
             ok = ok and all(type(s) is int and 0 <= s < 1 << 62 for s in entry[1])
             if not ok:
@@ -324,13 +324,15 @@ def _entries(raw: object, where: str) -> list[tuple[str, list[int]]]:
     return [(name, list(shape)) for name, shape in raw]
 
 
-def _parse(path: Path, metadata: dict[str, str]) -> tuple[GPartConfig, list[tuple[str, list[int]]], int]:
+def parse_metadata(
+    path: Path, metadata: dict[str, str]
+) -> tuple[GPartConfig, list[tuple[str, list[int]]], int]:
     """Settings, target entries and D of a file's metadata, each checked as ``apply`` checks it."""
     where = repr(str(path))
     missing = [k for k in ("d", "seed", "D", "config", "targets") if k not in metadata]
     if missing:
         raise FormatError(f"{where} lacks gpart metadata {missing}; the file was edited. Save it again.")
-    options = _loads(metadata["config"], f"{where} metadata 'config'")
+    options = load_json(metadata["config"], f"{where} metadata 'config'")
     keys = {"isometric", "bias", "dropout", "init_bound", "trainable"}
     if not isinstance(options, dict) or set(options) - set(_OPTIONAL) != keys:
         found = sorted(options) if isinstance(options, dict) else type(options).__name__
@@ -342,13 +344,13 @@ def _parse(path: Path, metadata: dict[str, str]) -> tuple[GPartConfig, list[tupl
         raise FormatError(
             f"{where}: 'trainable' must be a list of module names, not {options['trainable']!r}."
         )
-    config = _settings(
+    config = file_config(
         where,
         d=_decimal(metadata["d"], "d", where),
         seed=_decimal(metadata["seed"], "seed", where),
         **options,
     )
-    entries = _entries(_loads(metadata["targets"], f"{where} metadata 'targets'"), where)
+    entries = _entries(load_json(metadata["targets"], f"{where} metadata 'targets'"), where)
     size = _decimal(metadata["D"], "D", where)
     counted = sum(math.prod(shape) for _, shape in entries)
     if size != counted:
@@ -358,16 +360,16 @@ def _parse(path: Path, metadata: dict[str, str]) -> tuple[GPartConfig, list[tupl
     return config, entries, size
 
 
-def _check_theta(path: Path, tensors: dict[str, torch.Tensor], d: int) -> torch.Tensor:
+def check_theta(path: Path, tensors: dict[str, torch.Tensor], d: int) -> torch.Tensor:
     if _THETA not in tensors:
         raise FormatError(
             f"{str(path)!r} has no {_THETA!r} tensor (found {sorted(tensors)}); it is not a complete adapter."
         )
-    unexpected = sorted(k for k in tensors if k != _THETA and not k.startswith(_EXTRA))
+    unexpected = sorted(k for k in tensors if k != _THETA and not k.startswith(EXTRA))
     if unexpected:
         raise FormatError(
             f"{str(path)!r} holds unexpected tensors {unexpected}; a gpart file holds {_THETA!r} and "
-            f"'{_EXTRA}*' tensors only."
+            f"'{EXTRA}*' tensors only."
         )
     theta = tensors[_THETA]
     if theta.dtype != torch.float32 or theta.shape != (d,):
@@ -375,11 +377,11 @@ def _check_theta(path: Path, tensors: dict[str, torch.Tensor], d: int) -> torch.
             f"{str(path)!r}: theta has dtype {theta.dtype} and shape {tuple(theta.shape)}, but the "
             f"format requires float32 of shape ({d},) (d={d}). The file is corrupt; save it again."
         )
-    _check_finite(path, {_THETA: theta})
+    check_finite(path, {_THETA: theta})
     return theta
 
 
-def _check_finite(where: object, tensors: dict[str, torch.Tensor]) -> None:
+def check_finite(where: object, tensors: dict[str, torch.Tensor]) -> None:
     """Every tensor floating-point and finite (a NaN in a file would poison the model silently)."""
     for name, t in tensors.items():
         if not t.is_floating_point():
@@ -435,7 +437,7 @@ def _missing_targets(model: nn.Module, entries: list[tuple[str, list[int]]]) -> 
     return diffs
 
 
-def _fit_params(
+def fit_params(
     model: nn.Module,
     tensors: dict[str, torch.Tensor],
     *,
@@ -454,11 +456,11 @@ def _fit_params(
         module = name.rpartition(".")[0]
         if name in targets or "parametrizations" in name.split("."):
             problems.append(f"{name!r} is a target's pretrained weight, which an adapter never writes")
-        elif name.split(".")[0] in {_attr(DEFAULT), *map(_attr, _states(model))}:
+        elif name.split(".")[0] in {state_attr(DEFAULT), *map(state_attr, adapter_states(model))}:
             problems.append(f"{name!r} is gpart's own state (theta is stored as {_THETA!r})")
         elif name not in params:
             problems.append(f"{name!r} is not a parameter of {type(model).__name__}")
-        elif not _name_matches(module, declared):
+        elif not name_matches(module, declared):
             problems.append(f"{name!r} is outside the modules the file declares trainable {list(declared)}")
         elif adapted and not params[name].requires_grad:
             problems.append(f"{name!r} is frozen in this model (make it trainable to load it)")
@@ -471,7 +473,7 @@ def _fit_params(
     return out, problems
 
 
-def _staged(
+def stage_values(
     theta: torch.Tensor, extras: dict[str, tuple[nn.Parameter, torch.Tensor]], device: torch.device
 ) -> tuple[torch.Tensor, list[tuple[nn.Parameter, torch.Tensor]]]:
     """Every value to write, already on its device and in its dtype: what can fail (memory) runs
@@ -480,13 +482,13 @@ def _staged(
     return theta.to(device, torch.float32), staged
 
 
-def _commit(model: nn.Module, install, theta: torch.Tensor, staged: list, name: str = DEFAULT) -> None:
+def commit_values(model: nn.Module, install, theta: torch.Tensor, staged: list, name: str = DEFAULT) -> None:
     """``install()`` (None when adapted already), then theta and the saved tensors written in place."""
-    with _atomic(model):
+    with atomic(model):
         if install is not None:
             install()
         with torch.no_grad():
-            _state(model, name).theta.copy_(theta)
+            adapter_state(model, name).theta.copy_(theta)
             for param, value in staged:
                 param.copy_(value)
 
@@ -525,21 +527,21 @@ def load(
     >>> torch.equal(fresh(torch.ones(1, 4)), model(torch.ones(1, 4)))
     True
     """
-    _check_runtime(backend, recompute)
-    name = _check_name(name)
-    path = _as_path(path, "load")
+    check_runtime(backend, recompute)
+    name = check_name(name)
+    path = as_path(path, "load")
     tensors, metadata = read(path)
-    config, entries, _ = _parse(path, metadata)
-    theta = _check_theta(path, tensors, config.d)
-    extras = {k[len(_EXTRA) :]: v for k, v in tensors.items() if k.startswith(_EXTRA)}
-    _check_finite(path, extras)
-    state, swap = _find_state(model, name), None
+    config, entries, _ = parse_metadata(path, metadata)
+    theta = check_theta(path, tensors, config.d)
+    extras = {k[len(EXTRA) :]: v for k, v in tensors.items() if k.startswith(EXTRA)}
+    check_finite(path, extras)
+    state, swap = find_state(model, name), None
     if state is None:
         diffs = _missing_targets(model, entries)
         if not diffs:
             try:
                 names = [n for n, _ in entries]
-                layout, scale, backend = _plan(
+                layout, scale, backend = plan_adapter(
                     model, config, targets=None, target_parameters=(), exact=names, backend=backend, name=name
                 )
             except GPartError as err:
@@ -554,7 +556,7 @@ def load(
             entries,
         ):
             try:  # only seed and d differ: swap the partition in place
-                swap = (_parametrized(model, state), _plan_swap(model, state, config))
+                swap = (installed_targets(model, state), plan_swap(model, state, config))
             except GPartError as err:
                 raise LayoutError(f"{str(path)!r} cannot be swapped into adapter {name!r}: {err}") from None
             diffs = []
@@ -564,7 +566,7 @@ def load(
             + "; ".join(diffs)
             + ". Load it into the same architecture with the same targets and settings."
         )
-    params, problems = _fit_params(
+    params, problems = fit_params(
         model, extras, declared=config.trainable, targets=[n for n, _ in entries], adapted=state is not None
     )
     if problems:
@@ -574,13 +576,15 @@ def load(
             + ". Load into the architecture the adapter was trained on."
         )
     device = (state.theta if state is not None else scale).device
-    theta, staged = _staged(theta, {n: (params[n], extras[n]) for n in params}, device)
+    theta, staged = stage_values(theta, {n: (params[n], extras[n]) for n in params}, device)
 
     def install() -> None:
-        _install(model, config, layout, scale, freeze=True, backend=backend, recompute=recompute, name=name)
+        install_adapter(
+            model, config, layout, scale, freeze=True, backend=backend, recompute=recompute, name=name
+        )
 
     def reseed() -> None:
-        _swap(state, swap[0], config, swap[1])
+        swap_partition(state, swap[0], config, swap[1])
 
-    _commit(model, install if state is None else reseed if swap else None, theta, staged, name)
+    commit_values(model, install if state is None else reseed if swap else None, theta, staged, name)
     return model

@@ -90,7 +90,7 @@ class Layout:
         return [(t.name, list(t.shape)) for t in self.targets]
 
 
-def _linear_types() -> tuple[type, ...]:
+def linear_types() -> tuple[type, ...]:
     types: tuple[type, ...] = (nn.Linear,)
     if "transformers" in sys.modules:  # only if the user already imported it: no hard dependency
         try:
@@ -101,7 +101,7 @@ def _linear_types() -> tuple[type, ...]:
     return types
 
 
-def _name_matches(name: str, patterns: Iterable[str]) -> bool:
+def name_matches(name: str, patterns: Iterable[str]) -> bool:
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
@@ -111,7 +111,7 @@ def _module_predicate(
     if callable(spec):
         return lambda name, module: bool(spec(name, module))
     if isinstance(spec, str) and spec == "all-linear":
-        linear = _linear_types()
+        linear = linear_types()
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         return lambda name, module: isinstance(module, linear) and module is not head and name not in exclude
     if isinstance(spec, str):
@@ -124,10 +124,10 @@ def _module_predicate(
             ) from None
         return lambda name, module: regex.fullmatch(name) is not None
     patterns = tuple(spec)
-    return lambda name, module: _name_matches(name, patterns)
+    return lambda name, module: name_matches(name, patterns)
 
 
-def _hint(spec: TargetSpec, names: list[str]) -> str:
+def suggest(spec: TargetSpec, names: list[str]) -> str:
     """A few existing module names near what the user asked for."""
     short = sorted({n.rpartition(".")[2] for n in names if n})
     wanted = [spec] if isinstance(spec, str) else list(spec) if not callable(spec) else []
@@ -198,7 +198,7 @@ def resolve(
                 chosen.add("weight")
                 if bias == "all" and "bias" in own:
                     chosen.add("bias")
-            chosen |= {p for p in own if _name_matches(prefix + p, target_parameters)}
+            chosen |= {p for p in own if name_matches(prefix + p, target_parameters)}
         picked += [(prefix + p, module, p) for p in _ordered(own, chosen)]
 
     all_names = [n for n, _ in modules]
@@ -207,7 +207,7 @@ def resolve(
         raise TargetError(
             f"no target matched targets={targets!r}, target_parameters={list(target_parameters)!r} "
             f"in {type(model).__name__}; every GPart run needs at least one target tensor. "
-            f"Fix the patterns ({_hint(asked, all_names)})."
+            f"Fix the patterns ({suggest(asked, all_names)})."
         )
     if wanted_exact is not None:
         missing = wanted_exact - {name for name, _, _ in picked}

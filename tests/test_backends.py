@@ -18,12 +18,12 @@ from gpart import _delta
 from gpart.partition import (
     FAST_MOD_LIMIT,
     SPLIT_MOD_LIMIT,
-    _mod_kind,
-    _umod,
-    _umod_fast,
-    _umod_pow2,
-    _umod_split,
     group_ids,
+    mod_kind,
+    umod,
+    umod_fast,
+    umod_pow2,
+    umod_split,
 )
 
 INT64 = st.integers(-(2**63), 2**63 - 1)
@@ -34,7 +34,7 @@ INT64 = st.integers(-(2**63), 2**63 - 1)
 def test_division_free_modulo_is_exact(z, d):
     zt = torch.tensor(z, dtype=torch.int64)
     inv = torch.tensor(1.0 / d, dtype=torch.float64)
-    assert torch.equal(_umod_fast(zt, torch.tensor(d), inv), _umod(zt, d))
+    assert torch.equal(umod_fast(zt, torch.tensor(d), inv), umod(zt, d))
 
 
 # The quotient estimate is worst where z/d sits just below an integer, for large z and tiny or huge d.
@@ -47,7 +47,7 @@ def test_division_free_modulo_at_the_edges(d):
     values = [v - 2**64 if v >= 2**63 else v for v in [v % 2**64 for v in near]]
     zt = torch.tensor(EDGES + values + [d - 1, d, -d] + list(range(-50, 50)), dtype=torch.int64)
     inv = torch.tensor(1.0 / d, dtype=torch.float64)
-    assert torch.equal(_umod_fast(zt, d, inv), _umod(zt, d))
+    assert torch.equal(umod_fast(zt, d, inv), umod(zt, d))
 
 
 @settings(max_examples=500, deadline=None)
@@ -56,7 +56,7 @@ def test_split_modulo_is_exact(z, d):
     zt = torch.tensor(z, dtype=torch.int64)
     inv = torch.tensor(1.0 / d, dtype=torch.float64)
     r32 = torch.tensor(float(2**32 % d), dtype=torch.float64)
-    assert torch.equal(_umod_split(zt, torch.tensor(d), inv, r32), _umod(zt, d))
+    assert torch.equal(umod_split(zt, torch.tensor(d), inv, r32), umod(zt, d))
 
 
 @pytest.mark.parametrize("d", [2, 3, 5, 641, 23040, 2**20 + 7, 2**21 - 1, 2**21, 2**21 - 2**11 + 1])
@@ -67,7 +67,7 @@ def test_split_modulo_at_the_edges(d):
     values = [v - 2**64 if v >= 2**63 else v for v in [v % 2**64 for v in near + top]]
     zt = torch.tensor(EDGES + values + [d - 1, d, -d] + list(range(-50, 50)), dtype=torch.int64)
     inv = torch.tensor(1.0 / d, dtype=torch.float64)
-    assert torch.equal(_umod_split(zt, d, inv, float(2**32 % d)), _umod(zt, d))
+    assert torch.equal(umod_split(zt, d, inv, float(2**32 % d)), umod(zt, d))
 
 
 @pytest.mark.parametrize(("d", "lo", "fix"), [(2093152, 250495, "add d"), (2093157, 613293, "subtract d")])
@@ -80,11 +80,11 @@ def test_split_modulo_needs_both_corrections(d, lo, fix):
     assert r == (-1 if fix == "add d" else d)
     zt = torch.tensor([z], dtype=torch.int64)
     inv = torch.tensor(1.0 / d, dtype=torch.float64)
-    assert torch.equal(_umod_split(zt, d, inv, float(2**32 % d)), _umod(zt, d))
+    assert torch.equal(umod_split(zt, d, inv, float(2**32 % d)), umod(zt, d))
 
 
 def test_modulo_kind_boundaries():
-    kinds = {d: _mod_kind(d) for d in (1, 2, 3, 2**21 - 1, 2**21, 2**21 + 1, 2**31 - 1, 2**31, 2**31 + 1)}
+    kinds = {d: mod_kind(d) for d in (1, 2, 3, 2**21 - 1, 2**21, 2**21 + 1, 2**31 - 1, 2**31, 2**31 + 1)}
     assert kinds == {
         1: "pow2",
         2: "pow2",
@@ -101,7 +101,7 @@ def test_modulo_kind_boundaries():
 @given(z=st.lists(INT64, min_size=1, max_size=32), k=st.integers(0, 62))
 def test_power_of_two_modulo_is_the_low_bits(z, k):
     zt = torch.tensor(z, dtype=torch.int64)
-    assert torch.equal(_umod_pow2(zt, 2**k), _umod(zt, 2**k))
+    assert torch.equal(umod_pow2(zt, 2**k), umod(zt, 2**k))
 
 
 compiled = pytest.mark.skipif(
@@ -117,12 +117,12 @@ def _need_compiled(device: str) -> None:
 @compiled
 def test_compiled_split_modulo_at_the_edges():
     """Inductor's C++ (fast-math flags, contractions) keeps the exact integers in float64."""
-    kernel = torch.compile(_umod_split, dynamic=True, fullgraph=True)
+    kernel = torch.compile(umod_split, dynamic=True, fullgraph=True)
     for d, lo in [(2093152, 250495), (2093157, 613293), (23040, 0), (3, 2**32 - 1)]:
         zt = torch.tensor([*EDGES, ((2**32 - 1) << 32 | lo) - 2**64, *range(-50, 50)], dtype=torch.int64)
         inv = torch.tensor(1.0 / d, dtype=torch.float64)
         r32 = torch.tensor(float(2**32 % d), dtype=torch.float64)
-        assert torch.equal(kernel(zt, torch.tensor(d), inv, r32), _umod(zt, d))
+        assert torch.equal(kernel(zt, torch.tensor(d), inv, r32), umod(zt, d))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -7,7 +7,7 @@ import torch
 
 import gpart
 from gpart import _delta
-from gpart.partition import _hash_base
+from gpart.partition import hash_base
 
 transformers = pytest.importorskip("transformers")
 needs_compiler = pytest.mark.skipif(
@@ -74,7 +74,7 @@ def test_traced_formula_is_the_eager_kernel(dropout, d):
         if fn == "eager":
             out = _delta.effective(w0, theta, scale, start=2**40, seed=-5, dropout=dropout, dropout_key=12345)
         else:
-            key, base = torch.tensor(12345), torch.tensor(_hash_base(-5, 2**40))
+            key, base = torch.tensor(12345), torch.tensor(hash_base(-5, 2**40))
             out = _delta.traced(w0, theta, scale, base=base, start=2**40, dropout=dropout, dropout_key=key)
         out.backward(torch.linspace(-1, 1, out.numel()).view(out.shape))
         outs.append(out)

@@ -469,11 +469,11 @@ def test_inspect_without_D_prints_one_line(tmp_path, capsys):
 
 
 def test_convert_with_an_invalid_regex_is_a_target_error(tmp_path):
-    from gpart.peft_format import _to_gpart_file
+    from gpart.peft_format import to_gpart_file
 
     folder = _peft_folder(tmp_path, config={"target_modules": "["})
     with pytest.raises(TargetError, match="not a valid regular expression"):
-        _to_gpart_file(folder, _base(), tmp_path / "out.safetensors")
+        to_gpart_file(folder, _base(), tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
 
 
@@ -497,7 +497,7 @@ def test_reentrant_guard_walks_the_stack_only_in_training(monkeypatch):
 
 def test_convert_of_a_reference_folder_hashes_nothing(tmp_path, monkeypatch):
     """Converting needs the layout only: no pass over the D entries (a 7B model has ~1e9)."""
-    from gpart.peft_format import _to_gpart_file
+    from gpart.peft_format import to_gpart_file
 
     folder = gpart.save_peft(_adapted(), tmp_path / "ref")
 
@@ -505,7 +505,7 @@ def test_convert_of_a_reference_folder_hashes_nothing(tmp_path, monkeypatch):
         raise AssertionError("convert hashed the index space")
 
     monkeypatch.setattr(gpart._delta, "count_groups", hashing)
-    out = _to_gpart_file(folder, _base(), tmp_path / "a.safetensors")
+    out = to_gpart_file(folder, _base(), tmp_path / "a.safetensors")
     monkeypatch.undo()
     fresh = gpart.load(_base(), out)
     expected = gpart.load_peft(_base(), folder)

@@ -174,12 +174,12 @@ def test_layer_filter_follows_peft():
 )
 def test_convert_round_trips_every_variant(name, tmp_path):
     """Reference folder -> gpart file -> reference folder: each step loads to the same model."""
-    from gpart.peft_format import _from_gpart_file, _to_gpart_file
+    from gpart.peft_format import from_gpart_file, to_gpart_file
 
     case = CASES[name]
     expected = gpart.merge(gpart.load_peft(_model(case["model"]), VARIANTS / name))
-    path = _to_gpart_file(VARIANTS / name, _model(case["model"]), tmp_path / "a.safetensors")
-    folder = _from_gpart_file(path, tmp_path / "ref")
+    path = to_gpart_file(VARIANTS / name, _model(case["model"]), tmp_path / "a.safetensors")
+    folder = from_gpart_file(path, tmp_path / "ref")
     for loaded in (gpart.load(_model(case["model"]), path), gpart.load_peft(_model(case["model"]), folder)):
         gpart.merge(loaded)
         for n, p in loaded.named_parameters():
