@@ -24,6 +24,7 @@ from .partition import group_scales, hash_base
 from .targets import (
     BLOCK_CONTAINERS,
     Layout,
+    Segment,
     Target,
     TargetSpec,
     name_matches,
@@ -274,8 +275,9 @@ def plan_adapter(
     backend: str = "auto",
     scales: bool = True,
     name: str = DEFAULT,
-) -> tuple[Layout, torch.Tensor | None, str]:
-    """All checks and all computation of ``apply``, without touching the model.
+) -> Plan:
+    """All checks and all computation of ``apply``, without touching the model: the :class:`Plan`
+    that :func:`install_adapter` carries out.
 
     ``scales=False`` stops at the layout (no pass over the index space: format conversion needs
     the layout alone, and hashing a 7B model's D entries takes minutes on a CPU).
@@ -298,11 +300,11 @@ def plan_adapter(
     if not (targets is None or isinstance(targets, str) or callable(targets)):
         _names(targets, "targets")
     module_names = [n for n, _ in model.named_modules() if n.split(".")[0] not in map(state_attr, states)]
-    for name in config.trainable:
-        if not any(name_matches(m, (name,)) for m in module_names):
+    for wanted in config.trainable:
+        if not any(name_matches(m, (wanted,)) for m in module_names):
             raise TargetError(
-                f"trainable={list(config.trainable)!r}: {name!r} matches no module (exact name or "
-                f"dotted suffix); {suggest([name], module_names)}."
+                f"trainable={list(config.trainable)!r}: {wanted!r} matches no module (exact name or "
+                f"dotted suffix); {suggest([wanted], module_names)}."
             )
     trainable_modules = [m for m in module_names if name_matches(m, config.trainable)]
     host = next(iter(states.values())).host if states else None
@@ -328,22 +330,38 @@ def plan_adapter(
             f"d={config.d} exceeds D={layout.size}, the number of target entries; every group "
             f"needs at least one entry. Use d <= {layout.size} or select more targets."
         )
+    plan = Plan(config, name, layout, parts, backend)
     if not scales:
-        return layout, None, backend
+        return plan
     first = _w0(model, layout.targets[0])
     device = torch.device("cpu") if first.device.type == "meta" else first.device
     backend = _resolve_backend(backend, layout, device)
-    return layout, _scales(model, layout, parts, config, backend=backend, device=device), backend
+    stored = _stored_ids(model, layout, parts, config)
+    scale = _scales(layout, parts, config, stored, backend=backend, device=device)
+    drawn = fastfood.draw(config.seed, config.d, layout.size) if config.projection == "fastfood" else None
+    return replace(plan, backend=backend, ids=stored, scale=scale, fastfood=drawn)
 
 
-def _scales(
-    model: nn.Module, layout: Layout, parts, config: GPartConfig, *, backend: str, device
-) -> torch.Tensor:
+@dataclass(frozen=True)
+class Plan:
+    """What :func:`plan_adapter` decided and computed for one adapter; :func:`install_adapter`
+    only registers it. ``scale`` is None for a plan of the layout alone."""
+
+    config: GPartConfig
+    name: str
+    layout: Layout
+    segments: tuple[Segment, ...]  #: each target's place in its partition
+    backend: str
+    ids: list[torch.Tensor] | None = None  #: stored group ids per target (int32, CPU); None: hashed
+    scale: torch.Tensor | None = None  #: per-group scales (Fastfood: its gains), on the targets' device
+    fastfood: tuple[torch.Tensor, ...] | None = None  #: Fastfood's state: signs, Gaussians, permutations
+
+
+def _scales(layout: Layout, parts, config: GPartConfig, stored, *, backend: str, device) -> torch.Tensor:
     """The per-group scales ``1/sqrt(n_j)`` (ones without isometry); the Fastfood gains instead."""
     if config.projection == "fastfood":  # no groups: the scales hold the gains (ones if isometric)
         scale = torch.ones(config.d) if config.isometric else fastfood.gains(config.seed, config.d)
         return scale.to(device)
-    stored = _stored_ids(model, layout, parts, config)
     if stored is not None:
         counts = torch.zeros(config.d, dtype=torch.int64)
         for ids, part in zip(stored, parts, strict=True):
@@ -386,7 +404,7 @@ def plan_swap(model: nn.Module, state: GPartState, config: GPartConfig):
         )
     parts = _segments(state.layout, config)
     device = state.scale.device
-    scale = _scales(model, state.layout, parts, config, backend=state.backend, device=device)
+    scale = _scales(state.layout, parts, config, None, backend=state.backend, device=device)
     bases = [torch.tensor(hash_base(part.seed, part.start), device=device) for part in parts]
     return parts, scale, bases
 
@@ -409,10 +427,7 @@ def swap_partition(state: GPartState, entries, config: GPartConfig, planned) -> 
 
 
 def _stored_ids(model: nn.Module, layout: Layout, parts, config: GPartConfig) -> list[torch.Tensor] | None:
-    """Each target's group ids (int32, CPU) for the assignments that store them; None for the hash.
-
-    Deterministic (a seeded generator, or W0), so ``apply`` computes them again to install them.
-    """
+    """Each target's group ids (int32, CPU) for the assignments that store them; None for the hash."""
     if config.assignment == "hash":
         return None
     spaces: dict[tuple[int, int], list[int]] = {}  # (seed, lo) -> the targets of that partition
@@ -522,27 +537,16 @@ def atomic(model: nn.Module) -> Iterator[None]:
         raise
 
 
-def install_adapter(
-    model: nn.Module,
-    config: GPartConfig,
-    layout: Layout,
-    scale: torch.Tensor,
-    *,
-    freeze: bool,
-    backend: str = "eager",
-    recompute: bool = True,
-    name: str = DEFAULT,
-) -> nn.Module:
-    """Mutate the model (atomically: on any failure it is restored and the error re-raised).
+def install_adapter(model: nn.Module, plan: Plan, *, freeze: bool, recompute: bool = True) -> nn.Module:
+    """Carry out ``plan`` (atomically: on any failure the model is restored and the error re-raised).
 
     The new adapter becomes the only active one; on a tensor that other adapters parametrize
     already, its parametrization comes after theirs (adding its delta to their output).
     """
-    state = GPartState(config, layout, scale, backend=backend, recompute=recompute, name=name)
-    parts = _segments(layout, config)
-    stored = _stored_ids(model, layout, parts, config)
-    if config.projection == "fastfood":
-        state.set_fastfood(*fastfood.draw(config.seed, config.d, layout.size), device=scale.device)
+    config, layout, parts, stored, name = plan.config, plan.layout, plan.segments, plan.ids, plan.name
+    state = GPartState(config, layout, plan.scale, backend=plan.backend, recompute=recompute, name=name)
+    if plan.fastfood is not None:
+        state.set_fastfood(*plan.fastfood, device=plan.scale.device)
     others = adapter_states(model)
     host = next(iter(others.values())).host if others else None
     modules = {t.module_name: model.get_submodule(t.module_name) for t in layout.targets}
@@ -765,12 +769,10 @@ def apply(
     if not isinstance(freeze, bool):
         raise ConfigError(f"freeze={freeze!r}: must be True or False.")
     check_runtime(backend, recompute)
-    layout, scale, backend = plan_adapter(
+    plan = plan_adapter(
         model, config, targets=targets, target_parameters=target_parameters, backend=backend, name=name
     )
-    install_adapter(
-        model, config, layout, scale, freeze=freeze, backend=backend, recompute=recompute, name=name
-    )
+    install_adapter(model, plan, freeze=freeze, recompute=recompute)
     if config.init_bound > 0:
         with torch.no_grad():
             adapter_state(model, name).theta.uniform_(-config.init_bound, config.init_bound)

@@ -287,15 +287,11 @@ def load_peft(
             f"one. Pass another name=, the plain base model, or call {again} first."
         )
     kwargs, tensors = read_peft(directory)
-    config, (layout, scale, backend), extras = _fit(
-        model, directory, kwargs, tensors, backend=backend, name=name
-    )
-    theta, staged = stage_values(tensors["theta"], extras, scale.device)
+    plan, extras = _fit(model, directory, kwargs, tensors, backend=backend, name=name)
+    theta, staged = stage_values(tensors["theta"], extras, plan.scale.device)
 
     def install() -> None:
-        install_adapter(
-            model, config, layout, scale, freeze=True, backend=backend, recompute=recompute, name=name
-        )
+        install_adapter(model, plan, freeze=True, recompute=recompute)
 
     commit_values(model, install, theta, staged, name)
     return model
@@ -306,8 +302,8 @@ def _fit(
 ):
     """The settings, plan and saved parameters of a folder, checked against ``model``.
 
-    Returns ``(config, (layout, scale, backend), {name: (parameter, value)})``; with
-    ``backend=None`` the plan stops at the layout (no scales, nothing hashed).
+    Returns ``(plan, {name: (parameter, value)})``; with ``backend=None`` the plan stops at the
+    layout (no scales, nothing hashed).
     """
     modules = [n for n, _ in model.named_modules()]
     # PEFT ignores modules_to_save entries that match nothing (e.g. "score" on an encoder).
@@ -327,14 +323,14 @@ def _fit(
     )
     extras = {k: v for k, v in tensors.items() if k != "theta"}
     params, problems = fit_params(
-        model, extras, declared=config.trainable, targets=[t.name for t in plan[0].targets]
+        model, extras, declared=config.trainable, targets=[t.name for t in plan.layout.targets]
     )
     if problems:
         raise LayoutError(
             f"{str(directory)!r} does not fit the model: " + "; ".join(problems) + ". Load it into "
             "the architecture it was trained on (same head size, e.g. num_labels)."
         )
-    return config, plan, {n: (params[n], extras[n]) for n in params}
+    return plan, {n: (params[n], extras[n]) for n in params}
 
 
 def to_gpart_file(directory: str | os.PathLike, model: nn.Module, path: str | os.PathLike) -> Path:
@@ -346,9 +342,9 @@ def to_gpart_file(directory: str | os.PathLike, model: nn.Module, path: str | os
     """
     path = as_path(path, "convert")
     kwargs, tensors = read_peft(directory)
-    config, (layout, _, _), extras = _fit(model, directory, kwargs, tensors, backend=None)
+    plan, extras = _fit(model, directory, kwargs, tensors, backend=None)
     values = {n: v for n, (_, v) in extras.items()}
-    return write_file(path, config, layout.entries(), layout.size, tensors["theta"], values)
+    return write_file(path, plan.config, plan.layout.entries(), plan.layout.size, tensors["theta"], values)
 
 
 def from_gpart_file(path: str | os.PathLike, directory: str | os.PathLike) -> Path:

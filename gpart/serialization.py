@@ -541,12 +541,12 @@ def load(
         if not diffs:
             try:
                 names = [n for n, _ in entries]
-                layout, scale, backend = plan_adapter(
+                plan = plan_adapter(
                     model, config, targets=None, target_parameters=(), exact=names, backend=backend, name=name
                 )
             except GPartError as err:
                 raise LayoutError(f"{str(path)!r} does not fit {type(model).__name__}: {err}") from None
-            diffs = _layout_differences(None, layout.entries(), config, entries)
+            diffs = _layout_differences(None, plan.layout.entries(), config, entries)
     else:
         diffs = _layout_differences(state.config, state.layout.entries(), config, entries)
         if diffs and not _layout_differences(
@@ -575,13 +575,11 @@ def load(
             + "; ".join(problems)
             + ". Load into the architecture the adapter was trained on."
         )
-    device = (state.theta if state is not None else scale).device
+    device = (state.theta if state is not None else plan.scale).device
     theta, staged = stage_values(theta, {n: (params[n], extras[n]) for n in params}, device)
 
     def install() -> None:
-        install_adapter(
-            model, config, layout, scale, freeze=True, backend=backend, recompute=recompute, name=name
-        )
+        install_adapter(model, plan, freeze=True, recompute=recompute)
 
     def reseed() -> None:
         swap_partition(state, swap[0], config, swap[1])

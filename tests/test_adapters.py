@@ -393,3 +393,10 @@ def test_the_multi_adapter_example_serves_each_task_with_its_adapter(capsys):
         assert acc[f"adapter {task} on task {task}"] > 0.9 > acc[f"adapter {other} on task {task}"]
         assert acc[f"slot serving {task}"] == acc[f"adapter {task} on task {task}"]
     assert "adapters: {'a': False, 'b': True}" in capsys.readouterr().out
+
+
+def test_a_named_adapter_with_trainable_modules_keeps_its_name(tmp_path):
+    model = gpart.apply(base(), d=3, seed=0, targets=["0"], trainable=["4"], name="task")
+    assert gpart.adapters(model) == {"task": True} and model[4].weight.requires_grad
+    fresh = gpart.load(base(), gpart.save(model, tmp_path / "t.safetensors", name="task"), name="task")
+    assert gpart.adapters(fresh) == {"task": True}
