@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import inspect
 import sys
+import typing
 from pathlib import Path
 
 import torch
 
 import gpart
+from gpart import parametrization
 from gpart.partition import group_counts, group_ids
 
 DOCS = Path(__file__).parent
@@ -51,6 +53,13 @@ def api_markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
+# The option types by name, shown with their values: `Scope` reads as Literal['global', 'block'].
+_OPTION_TYPES = {
+    name: f"Literal[{', '.join(map(repr, typing.get_args(getattr(parametrization, name))))}]"
+    for name in ("Assignment", "Backend", "Bias", "Projection", "Scope")
+}
+
+
 class _Raw(str):
     """An annotation string shown as written (``int``, not ``'int'``)."""
 
@@ -65,7 +74,7 @@ def _signature(obj) -> str:
         return ""
 
     def raw(a):
-        return _Raw(a) if isinstance(a, str) else a
+        return _Raw(_OPTION_TYPES.get(a, a)) if isinstance(a, str) else a
 
     params = [p.replace(annotation=raw(p.annotation)) for p in sig.parameters.values()]
     return str(sig.replace(parameters=params, return_annotation=raw(sig.return_annotation)))

@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ASSIGNMENTS", "compact", "generator_ids", "signed_magnitude"]
-
-#: gpart's names of the assignments: the hash (default), and the two of this module.
-ASSIGNMENTS = ("hash", "generator", "signed_magnitude")
+__all__ = ["compact", "generator_ids", "signed_magnitude"]
 
 
 def generator_ids(sizes: list[int], *, d: int, seed: int) -> list[torch.Tensor]:

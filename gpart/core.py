@@ -11,15 +11,26 @@ import numbers
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from typing import get_args
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from . import _delta, fastfood
-from .assignment import ASSIGNMENTS, compact, generator_ids, signed_magnitude
+from .assignment import compact, generator_ids, signed_magnitude
 from .errors import ConfigError, StateError, TargetError
-from .parametrization import GPartConfig, GPartParametrization, GPartState, Pack
+from .parametrization import (
+    Assignment,
+    Backend,
+    Bias,
+    GPartConfig,
+    GPartParametrization,
+    GPartState,
+    Pack,
+    Projection,
+    Scope,
+)
 from .partition import group_scales, hash_base
 from .targets import (
     BLOCK_CONTAINERS,
@@ -59,8 +70,7 @@ DEFAULT = "default"
 #: kernels save (``benchmarks/bench_auto.py``).
 AUTO_COMPILE_SIZE = 1 << 22
 AUTO_COMPILE_SIZE_WARM = 1 << 20
-_BIAS_MODES = ("none", "all")
-_SCOPES = ("global", "block")
+_BIAS_MODES, _SCOPES = get_args(Bias), get_args(Scope)
 
 
 def _is_int(x: object) -> bool:
@@ -134,13 +144,13 @@ def make_config(
             f"scope={scope!r}: unknown partition scope; use 'global' (one partition over all targets) "
             "or 'block' (one per transformer block, d split evenly across the blocks)."
         )
-    if assignment not in ASSIGNMENTS:
+    if assignment not in get_args(Assignment):
         raise ConfigError(
             f"assignment={assignment!r}: unknown group assignment; use 'hash' (the default: ids "
             "hashed from the seed, nothing stored), 'generator' (drawn with a seeded torch "
             "generator) or 'signed_magnitude' (bins of W0 by sign and magnitude)."
         )
-    if projection not in ("partition", "fastfood"):
+    if projection not in get_args(Projection):
         raise ConfigError(
             f"projection={projection!r}: unknown projection; use 'partition' (GPart) or 'fastfood' "
             "(the dense structured baseline of the intrinsic-dimension method)."
@@ -461,10 +471,10 @@ def _w0(model: nn.Module, target: Target) -> torch.Tensor:
 
 
 def check_runtime(backend: object, recompute: object) -> None:
-    if backend not in ("auto", *_delta.BACKENDS):
+    if backend not in get_args(Backend):
         raise ConfigError(
             f"backend={backend!r}: unknown kernel; use 'auto' (compiled for large D when torch.compile "
-            f"works here), or one of {list(_delta.BACKENDS)}."
+            f"works here), or one of {list(get_args(Backend)[1:])}."
         )
     if not isinstance(recompute, bool):
         raise ConfigError(f"recompute={recompute!r}: must be True or False.")
@@ -683,17 +693,17 @@ def apply(
     seed: int,
     targets: TargetSpec = "all-linear",
     target_parameters: Sequence[str] = (),
-    bias: str = "none",
+    bias: Bias = "none",
     isometric: bool = True,
     dropout: float = 0.0,
     init_bound: float = 0.0,
     trainable: Sequence[str] = (),
     freeze: bool = True,
-    backend: str = "auto",
+    backend: Backend = "auto",
     recompute: bool = True,
-    scope: str = "global",
-    assignment: str = "hash",
-    projection: str = "partition",
+    scope: Scope = "global",
+    assignment: Assignment = "hash",
+    projection: Projection = "partition",
     block_containers: Sequence[str] = (),
     name: str = DEFAULT,
 ) -> nn.Module:

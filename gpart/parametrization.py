@@ -16,6 +16,7 @@ import collections
 import sys
 import weakref
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -25,7 +26,26 @@ from .errors import StateError
 from .partition import hash_base
 from .targets import Layout, Segment, Target
 
-__all__ = ["GPartConfig", "GPartParametrization", "GPartState", "Pack", "SaveRecipes"]
+__all__ = [
+    "Assignment",
+    "Backend",
+    "Bias",
+    "GPartConfig",
+    "GPartParametrization",
+    "GPartState",
+    "Pack",
+    "Projection",
+    "SaveRecipes",
+    "Scope",
+]
+
+
+#: The option types of :func:`gpart.apply` (one source for the values gpart accepts).
+Bias = Literal["none", "all"]
+Scope = Literal["global", "block"]
+Assignment = Literal["hash", "generator", "signed_magnitude"]
+Projection = Literal["partition", "fastfood"]
+Backend = Literal["auto", "eager", "compiled"]
 
 
 @dataclass(frozen=True)
@@ -35,13 +55,13 @@ class GPartConfig:
     d: int
     seed: int
     isometric: bool = True
-    bias: str = "none"
+    bias: Bias = "none"
     dropout: float = 0.0
     init_bound: float = 0.0
     trainable: tuple[str, ...] = ()
-    scope: str = "global"
-    assignment: str = "hash"
-    projection: str = "partition"
+    scope: Scope = "global"
+    assignment: Assignment = "hash"
+    projection: Projection = "partition"
     block_containers: tuple[str, ...] = ()  # () = gpart.targets.BLOCK_CONTAINERS
 
     def to_dict(self) -> dict:

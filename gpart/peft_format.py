@@ -42,7 +42,7 @@ from .core import (
     state_attr,
 )
 from .errors import FormatError, LayoutError, StateError
-from .parametrization import GPartConfig
+from .parametrization import Backend, GPartConfig
 from .serialization import (
     EXTRA,
     as_path,
@@ -257,7 +257,7 @@ def load_peft(
     directory: str | os.PathLike,
     *,
     name: str = DEFAULT,
-    backend: str = "auto",
+    backend: Backend = "auto",
     recompute: bool = True,
 ) -> nn.Module:
     """Apply gpart to ``model`` with a reference adapter's settings and load its theta and head.

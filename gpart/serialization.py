@@ -50,7 +50,7 @@ from .core import (
     swap_partition,
 )
 from .errors import ConfigError, FormatError, GPartError, LayoutError, StateError
-from .parametrization import GPartConfig
+from .parametrization import Backend, GPartConfig
 from .partition import ALGORITHM
 from .targets import name_matches
 
@@ -498,7 +498,7 @@ def load(
     path: str | os.PathLike,
     *,
     name: str = DEFAULT,
-    backend: str = "auto",
+    backend: Backend = "auto",
     recompute: bool = True,
 ) -> nn.Module:
     """Load an adapter file into ``model`` as the adapter ``name`` and return the model.
