@@ -225,6 +225,21 @@ def adapter_states(model: nn.Module) -> dict[str, GPartState]:
     return {m.name: m for a, m in found if isinstance(m, GPartState) and a == state_attr(m.name)}
 
 
+def trainable_outside_adapters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The model's trainable parameters that no adapter owns (e.g. a head), by name: what an
+    adapter file saves beside theta (never another adapter's theta)."""
+    own = {state_attr(name) for name in adapter_states(model)}
+    return {n: p for n, p in model.named_parameters() if p.requires_grad and n.split(".")[0] not in own}
+
+
+def _require_adapters(model: nn.Module) -> dict[str, GPartState]:
+    """Every adapter of ``model``; a :class:`StateError` (as :func:`adapter_state`) if it has none."""
+    states = adapter_states(model)
+    if not states:
+        adapter_state(model)  # raises the plain-model error
+    return states
+
+
 def find_state(model: nn.Module, name: str = DEFAULT) -> GPartState | None:
     return adapter_states(model).get(name)
 
@@ -309,7 +324,8 @@ def plan_adapter(
         )
     if not (targets is None or isinstance(targets, str) or callable(targets)):
         _names(targets, "targets")
-    module_names = [n for n, _ in model.named_modules() if n.split(".")[0] not in map(state_attr, states)]
+    own = {state_attr(n) for n in states}
+    module_names = [n for n, _ in model.named_modules() if n.split(".")[0] not in own]
     for wanted in config.trainable:
         if not any(name_matches(m, (wanted,)) for m in module_names):
             raise TargetError(
@@ -323,7 +339,7 @@ def plan_adapter(
         targets=targets,
         target_parameters=_names(target_parameters, "target_parameters"),
         bias=config.bias,
-        exclude=[*trainable_modules, *map(state_attr, states)],
+        exclude=[*trainable_modules, *own],
         exact=exact,
         stacked={t.name for s in states.values() for t in s.layout.targets},
         orders=host.order if host is not None else {},
@@ -882,8 +898,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     ...     torch.equal(model[0].weight, model[0].parametrizations.weight.original)
     True
     """
-    adapter_state(model, next(iter(adapter_states(model)), DEFAULT))
-    before = {state: state.enabled for state in adapter_states(model).values()}
+    before = {state: state.enabled for state in _require_adapters(model).values()}
     for state in before:
         state.enabled = False
     try:
@@ -906,7 +921,7 @@ def cached(model: nn.Module) -> Iterator[nn.Module]:
     ...     model[0].weight is model[0].weight
     True
     """
-    adapter_state(model, next(iter(adapter_states(model)), DEFAULT))
+    _require_adapters(model)
     with parametrize.cached():
         yield model
 

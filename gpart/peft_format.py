@@ -33,13 +33,12 @@ from torch import nn
 from .core import (
     DEFAULT,
     adapter_state,
-    adapter_states,
     check_name,
     check_runtime,
     find_state,
     install_adapter,
     plan_adapter,
-    state_attr,
+    trainable_outside_adapters,
 )
 from .errors import FormatError, LayoutError, StateError
 from .parametrization import Backend, GPartConfig
@@ -410,8 +409,7 @@ def save_peft(
             "this adapter in gpart's own format (gpart.save)."
         )
     conv1d = any(type(model.get_submodule(t.module_name)).__name__ == "Conv1D" for t in state.layout.targets)
-    own = set(map(state_attr, adapter_states(model)))
-    extras = {n: p for n, p in model.named_parameters() if p.requires_grad and n.split(".")[0] not in own}
+    extras = trainable_outside_adapters(model)
     return _write_peft(
         directory,
         state.config,

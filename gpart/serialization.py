@@ -48,6 +48,7 @@ from .core import (
     plan_swap,
     state_attr,
     swap_partition,
+    trainable_outside_adapters,
 )
 from .errors import ConfigError, FormatError, GPartError, LayoutError, StateError
 from .parametrization import Backend, GPartConfig
@@ -91,8 +92,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, trainable: bool = True, n
     state = adapter_state(model, name)
     extras, config = {}, state.config
     if trainable:
-        own = set(map(state_attr, adapter_states(model)))
-        extras = {n: p for n, p in model.named_parameters() if p.requires_grad and n.split(".")[0] not in own}
+        extras = trainable_outside_adapters(model)
         config = _declaring(state, config, extras)
     theta = _gathered(state.theta)
     extras = {n: _gathered(p) for n, p in extras.items()}

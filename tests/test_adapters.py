@@ -329,6 +329,17 @@ def _eager_outputs(path, x):
     return gpart.load(base(), path)(x)
 
 
+def _swaps_without_recompiling(model, run, paths, x):
+    """Load each file into ``model`` and train a step through ``run``; any recompilation raises."""
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for path in paths:
+            gpart.load(model, path)
+            y = run(x)
+            y.sum().backward()
+            torch.testing.assert_close(y, _eager_outputs(path, x), rtol=1e-6, atol=1e-6)
+            assert gpart.theta(model).grad.shape == gpart.theta(model).shape
+
+
 @needs_compiler
 def test_hot_swap_under_torch_compile_does_not_recompile(tmp_path):
     """Whole-model torch.compile: another theta, and another seed with the same d, load in place."""
@@ -337,12 +348,7 @@ def test_hot_swap_under_torch_compile_does_not_recompile(tmp_path):
     x = torch.randn(3, 6)
     compiled(x).sum().backward()
     paths = _files(tmp_path, [{"d": 12, "seed": 0}, {"d": 12, "seed": 7}, {"d": 12, "seed": -3}])
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for path in paths:
-            gpart.load(model, path)
-            y = compiled(x)
-            y.sum().backward()
-            torch.testing.assert_close(y, _eager_outputs(path, x), rtol=1e-6, atol=1e-6)
+    _swaps_without_recompiling(model, compiled, paths, x)
     # Another d changes theta's length: one recompilation, then the right outputs.
     (tmp_path / "d").mkdir()
     other_d = _files(tmp_path / "d", [{"d": 9, "seed": 1}])[0]
@@ -374,13 +380,7 @@ def test_hot_swap_to_another_d_and_seed_keeps_the_compiled_kernels(tmp_path):
     x = torch.randn(3, 6)
     model(x).sum().backward()
     paths = _files(tmp_path, [{"d": 10, "seed": 3}, {"d": 20, "seed": 11}])  # the same kind of modulo
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for path in paths:
-            gpart.load(model, path)
-            y = model(x)
-            y.sum().backward()
-            torch.testing.assert_close(y, _eager_outputs(path, x), rtol=1e-6, atol=1e-6)
-            assert gpart.theta(model).grad.shape == gpart.theta(model).shape
+    _swaps_without_recompiling(model, model, paths, x)
 
 
 def test_the_multi_adapter_example_serves_each_task_with_its_adapter(capsys):
