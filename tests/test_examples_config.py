@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from typing import ClassVar
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+from common import cli
 from common import config as C
 
 PRESETS = C.Presets(
@@ -110,20 +110,18 @@ def test_bad_presets_and_choices_are_explained():
 def test_a_new_adapter_is_one_class_and_one_registration():
     @dataclass
     class VeRAAdapter(C.AdapterConfig):
-        kind: ClassVar[str] = "vera"
+        kind: ClassVar[str] = "myvera"
         r: int = 256
 
     try:
         C.register_adapter(VeRAAdapter)
-        parser = argparse.ArgumentParser()
-        C.add_arguments(parser, PRESETS)
-        args = parser.parse_args(["--adapter_type", "vera", "--tasks", "rte", "adapter.r", "1024"])
-        cfg = C.resolve(PRESETS, adapter_type=args.adapter_type, task=args.tasks[0], overrides=args.overrides)
+        argv = ["--adapter_type", "myvera", "--tasks", "rte", "adapter.r", "1024"]
+        _, (cfg,) = cli.configs(argv, doc="", presets=PRESETS, spec=cli.Spec(), output_dir="runs")
         assert isinstance(cfg.adapter, VeRAAdapter) and cfg.adapter.r == 1024
         with pytest.raises(ValueError, match="already registered"):
             C.register_adapter(VeRAAdapter)
     finally:
-        C.ADAPTERS.pop("vera", None)
+        C.ADAPTERS.pop("myvera", None)
 
 
 def test_resolved_config_is_saved_with_its_sources(tmp_path):

@@ -71,7 +71,7 @@ def test_train_then_evaluate_on_a_merged_model(tmp_path):
         ],
         loaders=TRAIN,
     )
-    folder = tmp_path / "runs" / "metamathqa" / "gpart-base" / "seed0"
+    folder = tmp_path / "runs" / "metamathqa" / "gpart-base" / "seed42"
     config = json.loads((folder / "config.json").read_text())
     assert (
         config["adapter"]["targets"] == ["q_proj", "k_proj", "v_proj", "o_proj"]

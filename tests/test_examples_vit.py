@@ -12,7 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 PIL = pytest.importorskip("PIL")
 sys.path.insert(0, str(Path(__file__).parents[1] / "examples" / "vision"))
-import finetune_vit as vit  # noqa: E402
+import finetune_ViT as vit  # noqa: E402
 
 
 def _images(n: int, classes: int, seed: int) -> list[tuple[torch.Tensor, int]]:
@@ -101,7 +101,7 @@ def test_vit_runs_end_to_end_with_a_held_out_split_and_local_dtd(tmp_path):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        "vit_collect", Path(vit.__file__).parent / "collect_results.py"
+        "vit_collect", Path(vit.__file__).parent / "collect_results_ViT.py"
     )
     collector = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(collector)

@@ -21,7 +21,6 @@ up in ``--adapter_type`` choices.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import json
@@ -65,6 +64,32 @@ class GPartAdapter(AdapterConfig):
     isometric: bool = True
     bias: str = "none"
     init_bound: float = 0.0
+    # The reference's names for the variants (see docs/variants.md), mapped by variant().
+    grouping_strategy: str = "random"  # random | signed_magnitude
+    assignment_backend: str = "stateless"  # stateless | materialized (random grouping only)
+    partition_scope: str = "global"  # global | transformer_block
+    projection_type: str = "partition"  # partition | fastfood
+
+    def variant(self) -> dict[str, str]:
+        """``gpart.apply``'s names for the variant options."""
+        known = {
+            "grouping_strategy": ("random", "signed_magnitude"),
+            "assignment_backend": ("stateless", "materialized"),
+            "partition_scope": ("global", "transformer_block"),
+            "projection_type": ("partition", "fastfood"),
+        }
+        for key, values in known.items():
+            if getattr(self, key) not in values:
+                raise OverrideError(f"adapter.{key} = {getattr(self, key)!r}: choose one of {list(values)}.")
+        if self.grouping_strategy == "signed_magnitude":
+            assignment = "signed_magnitude"
+        else:
+            assignment = "generator" if self.assignment_backend == "materialized" else "hash"
+        return {
+            "assignment": assignment,
+            "scope": "block" if self.partition_scope == "transformer_block" else "global",
+            "projection": self.projection_type,
+        }
 
 
 @register_adapter
@@ -74,6 +99,44 @@ class LoRAAdapter(AdapterConfig):
     r: int = 8
     alpha: float = 8.0
     dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["query", "value"])
+
+
+@register_adapter
+@dataclass
+class VeRAAdapter(AdapterConfig):
+    """VeRA: frozen shared random A, B; trainable scaling vectors (the reference's defaults)."""
+
+    kind: ClassVar[str] = "vera"
+    r: int = 8
+    dropout: float = 0.1
+    d_initial: float = 0.1
+    projection_prng_key: int = 0
+    targets: list[str] = field(default_factory=lambda: ["query", "value"])
+
+
+@register_adapter
+@dataclass
+class UniLoRAAdapter(AdapterConfig):
+    """Uni-LoRA: one global vector projected into every LoRA factor (the reference's defaults)."""
+
+    kind: ClassVar[str] = "unilora"
+    r: int = 4
+    theta_d_length: int = 23_040
+    dropout: float = 0.1
+    init_theta_d_bound: float = 0.02
+    targets: list[str] = field(default_factory=lambda: ["query", "value"])
+
+
+@register_adapter
+@dataclass
+class CondLoRAAdapter(AdapterConfig):
+    """CondLoRA: LoRA factors computed from the frozen weight by nets shared per target name."""
+
+    kind: ClassVar[str] = "condlora"
+    r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.1
     targets: list[str] = field(default_factory=lambda: ["query", "value"])
 
 
@@ -157,6 +220,18 @@ class Presets:
     size: dict[str, dict[str, Any]] = field(default_factory=dict)
     size_task: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     size_adapter: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # e.g. d per size
+    adapter_task: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # with the task level
+    size_adapter_task: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
+
+
+# The reference's spellings of a few keys: they name the same fields here.
+ALIASES = {
+    "adapter.target_modules": "adapter.targets",
+    "task.lr": "training.lr",
+    "task.head_lr": "training.head_lr",
+    "task.epochs": "training.epochs",
+    "task.batch_size": "training.batch_size",
+}
 
 
 class OverrideError(ValueError):
@@ -187,13 +262,16 @@ def resolve(
         ("runner defaults", presets.defaults),
         ("adapter preset", presets.adapter.get(adapter_type, {})),
         ("task overrides", presets.task[task]),
+        ("task overrides", presets.adapter_task.get((adapter_type, task), {})),
         ("model-size preset", presets.size.get(model_size, {})),
         ("model-size preset", presets.size_task.get((model_size, task), {})),
         ("model-size preset", presets.size_adapter.get((model_size, adapter_type), {})),
+        ("model-size preset", presets.size_adapter_task.get((model_size, adapter_type, task), {})),
         ("command line", dict(parse_pairs(overrides or []))),
     ]
     for level, values in levels:
         for key, value in values.items():
+            key = ALIASES.get(key, key)
             set_value(cfg, key, value, from_text=level == "command line")
             cfg.sources[key] = level
     return cfg
@@ -315,28 +393,3 @@ def save_config(cfg: ExperimentConfig, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
     return path
-
-
-def add_arguments(parser, presets: Presets, *, tasks_help: str = "") -> None:
-    """``--adapter_type`` (registry choices), ``--tasks``, ``--model_size``, and trailing overrides."""
-    parser.add_argument("--adapter_type", default="gpart", choices=sorted(ADAPTERS))
-    names = sorted(presets.task)
-
-    def tasks(text: str) -> list[str]:
-        chosen = [t for t in text.split(",") if t]
-        unknown = [t for t in chosen if t not in presets.task]
-        if unknown or not chosen:
-            raise argparse.ArgumentTypeError(f"unknown task(s) {unknown or text!r}; choose from {names}")
-        return chosen
-
-    parser.add_argument(
-        "--tasks", type=tasks, default=names, help=tasks_help or f"comma-separated, from {names}"
-    )
-    if presets.size:
-        parser.add_argument("--model_size", default="base", choices=sorted(presets.size))
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="KEY VALUE",
-        help="config overrides, e.g. adapter.d 16384 training.lr 0.001 adapter.isometric False",
-    )

@@ -65,7 +65,7 @@ def table(rows: list[dict], *, metric_key: str = "test_metric", latex: bool = Fa
 
 
 def collector_main(argv, *, doc: str, default_root: str) -> str:
-    """The ``collect_results.py`` command line of the classification runners."""
+    """The ``collect_results_*.py`` command line of the classification runners."""
     import argparse
 
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,7 +74,9 @@ def collector_main(argv, *, doc: str, default_root: str) -> str:
     args = p.parse_args(argv)
     rows = collect(args.root)
     if not rows:
-        raise SystemExit(f"no final.json under {args.root}: run the runner first")
+        from .cli import RunnerError
+
+        raise RunnerError(f"no final.json under {args.root}: run the runner first, or pass its --output_dir")
     text = table(rows, latex=args.latex)
     print(text)
     return text

@@ -51,7 +51,7 @@ def fit(
     device = next(model.parameters()).device
     adapter_params, head_params = adapters.setup(model, cfg.adapter, head=head, seed=t.seed)
     params = adapters.count(adapter_params, head_params, model)
-    opt = torch.optim.AdamW(adapters.param_groups(adapter_params, head_params, t))
+    opt = torch.optim.AdamW(adapters.param_groups(adapter_params, head_params, t, kind=cfg.adapter.kind))
     updates = max(1, steps_per_epoch // t.grad_accum) * t.epochs
     schedule = get_cosine_schedule_with_warmup if t.schedule == "cosine" else get_linear_schedule_with_warmup
     sched = schedule(opt, int(t.warmup_ratio * updates), updates)
@@ -83,7 +83,7 @@ def fit(
                 sched.step()
                 opt.zero_grad(set_to_none=True)
         model.eval()
-        with _autocast(cfg, device):
+        with _autocast(cfg, device), adapters.inference(model):
             val = evaluate("val")
         record = {"epoch": epoch, "train_loss": sum(losses) / max(1, len(losses)), "val_metric": val}
         runs.append_jsonl(folder / "metrics.jsonl", record)
@@ -95,7 +95,7 @@ def fit(
             best = (val, epoch, adapters.trainable_state(model))
     adapters.restore(model, best[2])
     model.eval()
-    with _autocast(cfg, device):
+    with _autocast(cfg, device), adapters.inference(model):
         test = evaluate("test")
     adapters.save_adapter(model, folder / "adapter.safetensors")
     final = {
@@ -119,31 +119,20 @@ def fit(
 
 
 def main_loop(
-    argv, *, doc: str, presets, output_dir: str, run: Callable, params_only: Callable
-) -> list[dict]:
-    """A classification runner's command line: ``--adapter_type``, ``--tasks``, ``--model_size``,
-    ``--seeds``, ``--output_dir``, ``--compute_params_only`` and ``key value`` overrides; one run
-    (or parameter count) per task and seed."""
-    import argparse
+    argv,
+    *,
+    doc: str,
+    presets,
+    output_dir: str,
+    run: Callable,
+    params_only: Callable,
+    spec=None,
+) -> list:
+    """A classification runner's command line (:mod:`common.cli`): one run, parameter count or
+    printed config per task and seed."""
+    from . import cli
 
-    from .config import add_arguments, resolve
-
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser, presets)
-    parser.add_argument("--seeds", default="0", help="comma-separated run seeds, e.g. 0,1,2")
-    parser.add_argument("--output_dir", default=output_dir)
-    parser.add_argument("--compute_params_only", action="store_true", help="print parameter counts and exit")
-    args = parser.parse_args(argv)
-    results = []
-    for task in args.tasks:
-        for seed in [int(s) for s in args.seeds.split(",")]:
-            overrides = ["training.seed", str(seed), "output_dir", args.output_dir, *args.overrides]
-            cfg = resolve(
-                presets,
-                adapter_type=args.adapter_type,
-                task=task,
-                model_size=args.model_size,
-                overrides=overrides,
-            )
-            results.append(params_only(cfg) if args.compute_params_only else run(cfg))
-    return results
+    args, cfgs = cli.configs(argv, doc=doc, presets=presets, spec=spec or cli.Spec(), output_dir=output_dir)
+    if args.dry_run:
+        return cli.dry_run(cfgs)
+    return [params_only(cfg) if args.compute_params_only else run(cfg) for cfg in cfgs]

@@ -1,7 +1,7 @@
 """Aggregate GLUE run folders into a table: per task, mean/median and std over seeds, parameter counts.
 
-python examples/glue/collect_results.py runs/glue            # Markdown
-python examples/glue/collect_results.py runs/glue --latex
+python examples/glue/collect_results_glue.py runs/glue            # Markdown
+python examples/glue/collect_results_glue.py runs/glue --latex
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import runs
+from common import cli, runs
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -18,4 +18,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.entry(main))

@@ -1,16 +1,23 @@
-"""GLUE with RoBERTa: GPart and the baselines (LoRA, full, head-only, BitFit) through one runner.
+"""GLUE with RoBERTa: GPart and the baselines (LoRA, VeRA, Uni-LoRA, CondLoRA, full, head-only,
+BitFit) through one runner, with the reference's command line.
 
+    python examples/glue/finetune_roberta_glue.py --adapter_type gpart --tasks sst2 qnli --seed 123
     python examples/glue/finetune_roberta_glue.py --tasks cola,sst2,mrpc,qnli,rte,stsb --seeds 0,1,2
     python examples/glue/finetune_roberta_glue.py --model_size large --tasks rte adapter.d 23040
-    python examples/glue/finetune_roberta_glue.py --adapter_type lora --tasks mrpc training.lr 4e-4
+    python examples/glue/finetune_roberta_glue.py --adapter_type vera --tasks mrpc training.lr 4e-3
     python examples/glue/finetune_roberta_glue.py --compute_params_only      # no download needed
-    python examples/glue/collect_results.py runs/glue                       # the table
+    python examples/glue/finetune_roberta_glue.py --dry_run                  # the resolved configs
+    python examples/glue/collect_results_glue.py runs/glue                  # the table
 
 Recipe (the paper's, ``../shared/spec/experiments.md``): targets query/value, d = 23,040, dropout
 0.1, theta lr 5e-3, weight decay 0.1, batch 32, max length 512, linear schedule with 6% warmup,
 fp32; per-task epochs and head lr; model selection on a validation split carved from train
 (15%, at least 300 examples, seeded); the GLUE dev set is reported as the test set. Metrics:
 Matthews correlation (CoLA), Pearson (STS-B), accuracy (others), from scikit-learn / SciPy.
+
+Baselines use the reference's presets: VeRA (r 8, d_initial 0.1, dropout 0.1) and CondLoRA
+(r 8, alpha 8, dropout 0.1) at lr 1e-3 and head lr 1e-3, Uni-LoRA (r 4, 23,040 entries, init
++-0.02, dropout 0.1) at lr 5e-3 with its own per-task head lr, and their per-task epochs.
 
 Each run writes ``OUTPUT_DIR/<task>/<adapter>-<size>/seed<k>/``: ``config.json`` (resolved, with
 the level that set each value), ``metrics.jsonl`` (one line per epoch), ``final.json`` and the
@@ -29,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import adapters, training
+from common import adapters, cli, training
 from common.config import Presets
 
 # Task -> text fields, metric, labels (STS-B is a regression: one output).
@@ -59,10 +66,20 @@ _EPOCHS_HEAD_LR = {
         "stsb": (80, 1e-4),
     },
 }
+# The reference's per-task (epochs, head_lr) of the baselines that differ from gpart's.
+_BASELINE_EPOCHS = {"cola": 80, "sst2": 60, "mrpc": 30, "qnli": 25, "rte": 80, "stsb": 40}
+_UNILORA_HEAD_LR = {
+    "base": {"cola": 5e-3, "sst2": 1e-4, "mrpc": 2e-2, "qnli": 2e-4, "rte": 5e-4, "stsb": 2e-4},
+    "large": {"cola": 2e-2, "sst2": 2e-4, "mrpc": 2e-3, "qnli": 5e-3, "rte": 5e-3, "stsb": 1e-4},
+}
+_UNILORA_LARGE_EPOCHS = {"cola": 40, "sst2": 20, "mrpc": 40, "qnli": 20, "rte": 40, "stsb": 40}
 PRESETS = Presets(
     adapter={
         "gpart": {"training.lr": 5e-3, "adapter.d": 23_040, "adapter.dropout": 0.1},
         "lora": {"training.lr": 4e-4},
+        "vera": {"training.lr": 1e-3},
+        "unilora": {"training.lr": 5e-3},
+        "condlora": {"training.lr": 1e-3},
         "full": {"training.lr": 2e-5},
         "head": {},
         "bitfit": {"training.lr": 1e-3},
@@ -84,6 +101,34 @@ PRESETS = Presets(
         ("large", task): {"training.epochs": epochs, "training.head_lr": head_lr}
         for task, (epochs, head_lr) in _EPOCHS_HEAD_LR["large"].items()
     },
+    adapter_task={
+        **{
+            (kind, task): {"training.epochs": epochs, "training.head_lr": 1e-3}
+            for kind in ("vera", "condlora")
+            for task, epochs in _BASELINE_EPOCHS.items()
+        },
+        **{
+            ("unilora", task): {"training.epochs": epochs, "training.head_lr": _UNILORA_HEAD_LR["base"][task]}
+            for task, epochs in _BASELINE_EPOCHS.items()
+        },
+    },
+    size_adapter_task={
+        **{
+            ("large", kind, task): {"training.epochs": epochs, "training.head_lr": 1e-3}
+            for kind in ("vera", "condlora")
+            for task, epochs in _BASELINE_EPOCHS.items()
+        },
+        **{
+            ("large", "unilora", task): {
+                "training.epochs": _UNILORA_LARGE_EPOCHS[task],
+                "training.head_lr": _UNILORA_HEAD_LR["large"][task],
+            }
+            for task in _BASELINE_EPOCHS
+        },
+    },
+)
+SPEC = cli.Spec(
+    flags={"--base_model": cli.Flag({"*": "model_name"}, help="hub id or folder (overrides --model_size's)")}
 )
 HEAD = ["classifier"]
 
@@ -101,20 +146,26 @@ class Loaders:
 
 
 def hub_data(task: str) -> dict[str, list[dict]]:
-    from datasets import load_dataset
+    def load():
+        from datasets import load_dataset
 
-    ds = load_dataset("nyu-mll/glue", task)
-    return {"train": list(ds["train"]), "validation": list(ds["validation"])}
+        ds = load_dataset("nyu-mll/glue", task)
+        return {"train": list(ds["train"]), "validation": list(ds["validation"])}
+
+    return cli.hub(f"GLUE {task} (nyu-mll/glue)", load)
 
 
 def hub_model(cfg):
-    import transformers
+    def load():
+        import transformers
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.model_name)
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(
-        cfg.model_name, num_labels=cfg.task.num_labels
-    )
-    return model, tokenizer
+        tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.model_name)
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            cfg.model_name, num_labels=cfg.task.num_labels
+        )
+        return model, tokenizer
+
+    return cli.hub(f"the model {cfg.model_name!r}", load)
 
 
 HUB = Loaders(data=hub_data, model=hub_model)
@@ -242,8 +293,9 @@ def main(argv: list[str] | None = None, loaders: Loaders = HUB) -> list[dict]:
         output_dir="runs/glue",
         run=lambda cfg: run(cfg, loaders),
         params_only=params_only,
+        spec=SPEC,
     )
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.entry(main))

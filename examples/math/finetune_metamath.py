@@ -1,14 +1,22 @@
-"""MetaMathQA fine-tuning of a causal LM with GPart (the paper's math recipe).
+"""MetaMathQA fine-tuning of a causal LM with GPart or a baseline (the paper's math recipe).
 
-    python examples/math/finetune_metamath.py --model_name Qwen/Qwen2.5-0.5B adapter.d 131072
-    python examples/math/finetune_metamath.py --model_name Qwen/Qwen2.5-7B adapter.d 524288
-    python examples/math/eval_math.py --model_name Qwen/Qwen2.5-0.5B \\
-        --adapter runs/math/metamathqa/gpart-base/seed0/adapter.safetensors
+    python examples/math/finetune_metamath.py --model_name Qwen/Qwen2.5-0.5B --adapter_type gpart --d 131072
+    python examples/math/finetune_metamath.py --model_name Qwen/Qwen2.5-7B --adapter_type gpart --d 524288
+    python examples/math/finetune_metamath.py --model_name Qwen/Qwen2.5-0.5B --adapter_type gpart \\
+        --d 131072 --per_device_train_batch_size 2 --gradient_accumulation_steps 8 --learning_rate 2e-4
+    python examples/math/finetune_metamath.py --model_name Qwen/Qwen2.5-0.5B --compute_params_only
+    python examples/math/eval_math.py --model_path Qwen/Qwen2.5-0.5B \\
+        --adapter_path runs/math/metamathqa/gpart-base/seed42/adapter.safetensors --dataset gsm8k
 
 Recipe: targets q_proj,k_proj,v_proj,o_proj; dropout 0.05; bf16 base weights with fp32 theta;
 text "Question: {query}\\nAnswer: {response}" + EOS, loss on the whole sequence, at most 2,048
 tokens keeping the last ones; 2 epochs, lr 2e-4, cosine schedule, 5% warmup, weight decay 0.01,
-gradient-norm clip 1.0, effective batch 16 (4 x 4 accumulation). Any causal LM works.
+gradient-norm clip 1.0, effective batch 16 (2 x 8 accumulation), seed 42. Any causal LM works.
+The reference's flags (``--d``, ``--rank``, ``--alpha``, ``--learning_rate``,
+``--per_device_train_batch_size``, ...) set the same config keys as ``key value`` overrides;
+LoRA and Uni-LoRA default to rank 4 (LoRA alpha 4), Uni-LoRA's vector to d entries.
+``--compute_params_only`` builds the architecture from the model's config (on the meta device,
+no weights), so it needs the config (a hub id reachable, or a local folder).
 
 The run folder holds the resolved config, ``metrics.jsonl`` (loss per logging interval) and the
 adapter (``adapter.safetensors``, a gpart file: theta and the settings).
@@ -16,7 +24,6 @@ adapter (``adapter.safetensors``, a gpart file: theta and the settings).
 
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 from collections.abc import Callable
@@ -26,11 +33,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import training
-from common.config import Presets, add_arguments, resolve
+from common import adapters, cli, training
+from common.config import Presets
 
 PRESETS = Presets(
     defaults={
+        "model_name": "Qwen/Qwen2.5-0.5B",
         "adapter.targets": ["q_proj", "k_proj", "v_proj", "o_proj"],
         "adapter.dropout": 0.05,
         "adapter.d": 131_072,
@@ -40,15 +48,45 @@ PRESETS = Presets(
         "training.warmup_ratio": 0.05,
         "training.weight_decay": 0.01,
         "training.max_grad_norm": 1.0,
-        "training.batch_size": 4,
-        "training.grad_accum": 4,
+        "training.batch_size": 2,
+        "training.grad_accum": 8,
         "training.max_seq_length": 2048,
         "training.precision": "bf16",
         "training.model_selection": "last",
         "task.metric": "loss",
     },
-    adapter={"gpart": {}, "lora": {"adapter.r": 8, "adapter.alpha": 16.0}, "full": {"training.lr": 1e-5}},
+    adapter={
+        "gpart": {},
+        "lora": {"adapter.r": 4, "adapter.alpha": 4.0},
+        "unilora": {"adapter.r": 4, "adapter.theta_d_length": 131_072, "adapter.init_theta_d_bound": 0.0},
+        "vera": {},
+        "condlora": {},
+        "full": {"training.lr": 1e-5},
+    },
     task={"metamathqa": {}},
+)
+SPEC = cli.Spec(
+    default_tasks=["metamathqa"],
+    flags={
+        "--model_name": cli.Flag({"*": "model_name"}, help="hub id or local folder"),
+        "--d": cli.Flag({"*": "adapter.d", "unilora": "adapter.theta_d_length"}, int),
+        "--rank": cli.Flag({"*": "adapter.r"}, int),
+        "--alpha": cli.Flag({"*": "adapter.alpha"}, float),
+        "--dropout": cli.Flag({"*": "adapter.dropout"}, float),
+        "--init_bound": cli.Flag({"*": "adapter.init_bound", "unilora": "adapter.init_theta_d_bound"}, float),
+        "--max_seq_length": cli.Flag({"*": "training.max_seq_length"}, int),
+        "--num_train_epochs": cli.Flag({"*": "training.epochs"}, int),
+        "--per_device_train_batch_size": cli.Flag({"*": "training.batch_size"}, int),
+        "--gradient_accumulation_steps": cli.Flag({"*": "training.grad_accum"}, int),
+        "--learning_rate": cli.Flag({"*": "training.lr"}, float),
+        "--lr_scheduler_type": cli.Flag({"*": "training.schedule"}, choices=("cosine", "linear")),
+        "--warmup_ratio": cli.Flag({"*": "training.warmup_ratio"}, float),
+        "--weight_decay": cli.Flag({"*": "training.weight_decay"}, float),
+        "--max_grad_norm": cli.Flag({"*": "training.max_grad_norm"}, float),
+        "--bf16": cli.Flag({"*": "training.precision"}, action="store_true", convert=lambda _: "bf16"),
+        "--fp16": cli.Flag({"*": "training.precision"}, action="store_true", convert=lambda _: "fp16"),
+        "--output_root_dir": cli.Flag({"*": "output_dir"}, help="the reference's name for --output_dir"),
+    },
 )
 PROMPT = "Question: {query}\nAnswer: "
 
@@ -62,17 +100,38 @@ class Loaders:
 
 
 def hub_data() -> list[dict]:
-    from datasets import load_dataset
+    def load():
+        from datasets import load_dataset
 
-    return list(load_dataset("meta-math/MetaMathQA", split="train"))
+        return list(load_dataset("meta-math/MetaMathQA", split="train"))
+
+    return cli.hub("MetaMathQA (meta-math/MetaMathQA)", load)
 
 
 def hub_model(cfg):
-    import transformers
+    def load():
+        import transformers
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.model_name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(cfg.model_name, torch_dtype=torch.bfloat16)
-    return model, tokenizer
+        tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.model_name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(cfg.model_name, torch_dtype=torch.bfloat16)
+        return model, tokenizer
+
+    return cli.hub(f"the model {cfg.model_name!r}", load)
+
+
+def hub_config(cfg):
+    """The model's architecture config only (no weights), for parameter counts."""
+
+    def load():
+        import transformers
+
+        return transformers.AutoConfig.from_pretrained(cfg.model_name)
+
+    fix = (
+        "--compute_params_only builds the model from its config.json: pass --model_name a local folder "
+        "holding it, or run where the hub is reachable (--dry_run needs nothing)."
+    )
+    return cli.hub(f"the config of {cfg.model_name!r}", load, fix)
 
 
 HUB = Loaders(data=hub_data, model=hub_model)
@@ -134,31 +193,31 @@ def run(cfg, loaders: Loaders) -> dict:
     return final
 
 
-def main(argv: list[str] | None = None, loaders: Loaders = HUB) -> dict:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def params_only(cfg, config) -> dict:
+    """Trainable counts of the adapter on the architecture (meta device: shapes only)."""
+    import transformers
+
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    counts = adapters.count(*adapters.setup(model, cfg.adapter, head=[], seed=cfg.training.seed), model)
+    print(
+        f"{cfg.model_name} {cfg.adapter.kind}: adapter = {counts['adapter']:,} | trainable = "
+        f"{counts['trainable']:,} of {counts['total']:,} ({100 * counts['trainable'] / counts['total']:.3f}%)"
     )
-    add_arguments(parser, PRESETS)
-    parser.add_argument("--model_name", default="Qwen/Qwen2.5-0.5B")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output_dir", default="runs/math")
-    args = parser.parse_args(argv)
-    cfg = resolve(
-        PRESETS,
-        adapter_type=args.adapter_type,
-        task="metamathqa",
-        overrides=[
-            "model_name",
-            args.model_name,
-            "training.seed",
-            str(args.seed),
-            "output_dir",
-            args.output_dir,
-            *args.overrides,
-        ],
+    return counts
+
+
+def main(argv: list[str] | None = None, loaders: Loaders = HUB, config_loader: Callable = hub_config):
+    args, cfgs = cli.configs(
+        argv, doc=__doc__, presets=PRESETS, spec=SPEC, output_dir="runs/math", multi_task=False
     )
-    return run(cfg, loaders)
+    if args.dry_run:
+        return cli.dry_run(cfgs)
+    if args.compute_params_only:
+        return [params_only(cfg, config_loader(cfg)) for cfg in cfgs]
+    out = [run(cfg, loaders) for cfg in cfgs]
+    return out[0] if len(out) == 1 else out
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.entry(main))

@@ -1,6 +1,6 @@
 """Aggregate ViT run folders into a table (mean/median ± std over seeds per dataset, parameter counts).
 
-python examples/vision/collect_results.py runs/vit [--latex]
+python examples/vision/collect_results_ViT.py runs/vit [--latex]
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import runs
+from common import cli, runs
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -17,4 +17,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.entry(main))
