@@ -106,17 +106,36 @@ def test_gpart_runs_end_to_end_and_the_collector_tabulates(tmp_path, capsys):
     assert "\\begin{tabular}" in collect_results.main([str(out), "--latex"])
 
 
-@pytest.mark.parametrize("adapter", ["lora", "full", "head", "bitfit"])
+@pytest.mark.parametrize("adapter", ["lora", "vera", "unilora", "condlora", "full", "head", "bitfit"])
 def test_baselines_run_through_the_same_runner(tmp_path, adapter):
     overrides = [a for a in FAST if not a.startswith("adapter.") and a != "64"]
     (result,) = glue.main(
         ["--tasks", "rte", "--adapter_type", adapter, "--output_dir", str(tmp_path), *overrides], loaders=TINY
     )
-    trainable = {"lora": 2 * 2 * (8 * 32 + 32 * 8), "head": 0, "bitfit": None, "full": None}[adapter]
+    trainable = {
+        "lora": 2 * 2 * (8 * 32 + 32 * 8),
+        "vera": 2 * 2 * (8 + 32),  # lambda_d (r) + lambda_b (out) per target
+        "unilora": 23_040,
+        "condlora": 2 * 2 * 32 * 8,  # one (A, B) pair per target name
+        "head": 0,
+        "bitfit": None,
+        "full": None,
+    }[adapter]
     if trainable is not None:
         assert result["params"]["adapter"] == trainable
     assert result["params"]["head"] == 32 * 32 + 32 + 32 * 2 + 2
     assert (tmp_path / "rte" / f"{adapter}-base" / "seed42" / "adapter.safetensors").is_file()
+
+
+# Trainable adapter parameters on RoBERTa-base q,v with the reference's defaults, as its
+# --compute_params_only reports them (PEFT's counts of the same configs).
+REFERENCE_COUNTS = {"gpart": 23_040, "lora": 294_912, "vera": 18_624, "unilora": 23_040, "condlora": 24_576}
+
+
+@pytest.mark.parametrize("adapter", sorted(REFERENCE_COUNTS))
+def test_baseline_counts_on_roberta_base_equal_the_reference(adapter):
+    (counts,) = glue.main(["--adapter_type", adapter, "--tasks", "rte", "--compute_params_only"])
+    assert counts["adapter"] == REFERENCE_COUNTS[adapter]
 
 
 def test_compute_params_only_for_roberta_base(capsys):

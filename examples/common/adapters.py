@@ -43,6 +43,11 @@ class AdapterLinear(nn.Module):
         self.base = base
         self.dropout = nn.Dropout(dropout)
         self.merged_weight: torch.Tensor | None = None  # set by inference(): W0 + delta, computed once
+        # The update trains in fp32 (fp64 for fp64 weights) whatever the frozen weight's dtype.
+        self.factory = {
+            "dtype": torch.promote_types(base.weight.dtype, torch.float32),
+            "device": base.weight.device,
+        }
 
     def delta_weight(self) -> torch.Tensor:
         raise NotImplementedError
@@ -53,14 +58,14 @@ class AdapterLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged_weight is not None:
             return F.linear(x, self.merged_weight, self.base.bias)
-        return self.base(x) + self.update(self.dropout(x))
+        return self.base(x) + self.update(self.dropout(x).to(self.factory["dtype"])).to(x.dtype)
 
 
 class LoRALinear(AdapterLinear):
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float) -> None:
         super().__init__(base, dropout)
-        self.lora_a = nn.Parameter(torch.empty(r, base.in_features))
-        self.lora_b = nn.Parameter(torch.zeros(base.out_features, r))
+        self.lora_a = nn.Parameter(torch.empty(r, base.in_features, **self.factory))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, r, **self.factory))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         self.scaling = alpha / r
 
@@ -75,11 +80,12 @@ class VeRALinear(AdapterLinear):
     def __init__(self, base: nn.Linear, a: torch.Tensor, b: torch.Tensor, d_initial: float, dropout: float):
         super().__init__(base, dropout)
         r = a.shape[0]
+        a, b = a.to(**self.factory), b.to(**self.factory)
         # Slices of the shared matrices: kept as non-persistent buffers (regenerated from the key).
         self.register_buffer("vera_a", a[:, : base.in_features], persistent=False)
         self.register_buffer("vera_b", b[: base.out_features, :], persistent=False)
-        self.lambda_d = nn.Parameter(torch.full((r,), float(d_initial)))
-        self.lambda_b = nn.Parameter(torch.zeros(base.out_features))
+        self.lambda_d = nn.Parameter(torch.full((r,), float(d_initial), **self.factory))
+        self.lambda_b = nn.Parameter(torch.zeros(base.out_features, **self.factory))
 
     def delta_weight(self) -> torch.Tensor:
         return self.lambda_b[:, None] * (self.vera_b * self.lambda_d) @ self.vera_a
@@ -95,8 +101,8 @@ class UniLoRALinear(AdapterLinear):
         dev = base.weight.device
         self.register_buffer("idx_a", torch.zeros(r, base.in_features, dtype=torch.long, device=dev))
         self.register_buffer("idx_b", torch.zeros(base.out_features, r, dtype=torch.long, device=dev))
-        self.register_buffer("scale_a", torch.ones(r, base.in_features, device=dev))
-        self.register_buffer("scale_b", torch.ones(base.out_features, r, device=dev))
+        self.register_buffer("scale_a", torch.ones(r, base.in_features, **self.factory))
+        self.register_buffer("scale_b", torch.ones(base.out_features, r, **self.factory))
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.theta[self.idx_a] * self.scale_a, self.theta[self.idx_b] * self.scale_b
@@ -122,11 +128,11 @@ class CondLoRALinear(AdapterLinear):
         self.scaling = alpha / net_a.out_features
 
     def delta_weight(self) -> torch.Tensor:
-        w = self.base.weight
+        w = self.base.weight.to(self.factory["dtype"])
         return self.scaling * self.net_b(w) @ self.net_a(w).T
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.base.weight
+        w = self.base.weight.to(self.factory["dtype"])
         return F.linear(F.linear(x, self.net_a(w).T), self.net_b(w)) * self.scaling
 
 
@@ -168,14 +174,20 @@ def _install(model: nn.Module, adapter, seed: int) -> None:
         g = torch.Generator().manual_seed(adapter.projection_prng_key)
         shape_a = (adapter.r, max(lin.in_features for _, lin in found))
         shape_b = (max(lin.out_features for _, lin in found), adapter.r)
-        a = nn.init.kaiming_uniform_(torch.empty(shape_a), a=math.sqrt(5), generator=g)
-        b = nn.init.kaiming_uniform_(torch.empty(shape_b), a=math.sqrt(5), generator=g)
+        w = found[0][1].weight
+        factory = {"dtype": torch.promote_types(w.dtype, torch.float32), "device": w.device}
+        # Drawn on the CPU in fp32 (the generator's stream), then one shared copy where the weights are.
+        a = nn.init.kaiming_uniform_(torch.empty(shape_a), a=math.sqrt(5), generator=g).to(**factory)
+        b = nn.init.kaiming_uniform_(torch.empty(shape_b), a=math.sqrt(5), generator=g).to(**factory)
         for name, lin in found:
-            vera = VeRALinear(lin, a.to(lin.weight), b.to(lin.weight), adapter.d_initial, adapter.dropout)
+            vera = VeRALinear(lin, a, b, adapter.d_initial, adapter.dropout)
             _replace(model, name, vera)
     elif kind == "unilora":
         bound = adapter.init_theta_d_bound
-        theta = torch.empty(adapter.theta_d_length, device=found[0][1].weight.device)
+        w = found[0][1].weight
+        theta = torch.empty(
+            adapter.theta_d_length, dtype=torch.promote_types(w.dtype, torch.float32), device=w.device
+        )
         theta = nn.Parameter(theta.uniform_(-bound, bound))
         layers = [UniLoRALinear(lin, theta, adapter.r, adapter.dropout) for _, lin in found]
         slots = [buf for layer in layers for buf in (layer.idx_a, layer.idx_b)]
@@ -195,8 +207,12 @@ def _install(model: nn.Module, adapter, seed: int) -> None:
         for name, lin in found:
             key = name.rsplit(".", 1)[-1]
             if key not in nets:
-                net_a = nn.Linear(lin.in_features, adapter.r, bias=False).to(lin.weight)
-                net_b = nn.Linear(lin.in_features, adapter.r, bias=False).to(lin.weight)
+                factory = {
+                    "dtype": torch.promote_types(lin.weight.dtype, torch.float32),
+                    "device": lin.weight.device,
+                }
+                net_a = nn.Linear(lin.in_features, adapter.r, bias=False, **factory)
+                net_b = nn.Linear(lin.in_features, adapter.r, bias=False, **factory)
                 nn.init.kaiming_uniform_(net_a.weight, a=math.sqrt(5))
                 nn.init.zeros_(net_b.weight)
                 nets[key] = (net_a, net_b)

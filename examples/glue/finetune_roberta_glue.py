@@ -128,7 +128,8 @@ PRESETS = Presets(
     },
 )
 SPEC = cli.Spec(
-    flags={"--base_model": cli.Flag({"*": "model_name"}, help="hub id or folder (overrides --model_size's)")}
+    default_tasks=["cola", "sst2", "mrpc", "stsb", "qnli", "rte"],  # the reference's order
+    flags={"--base_model": cli.Flag({"*": "model_name"}, help="hub id or folder (overrides --model_size's)")},
 )
 HEAD = ["classifier"]
 

@@ -8,7 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import cli
 
 
 def collect_results(root: str | Path, *, latex: bool = False) -> str:
@@ -20,7 +24,7 @@ def collect_results(root: str | Path, *, latex: bool = False) -> str:
             if bench in result:
                 groups.setdefault(key, {}).setdefault(bench, []).append(result[bench]["accuracy"])
     if not groups:
-        raise SystemExit(f"no eval.json under {root}: run eval_math.py first")
+        raise cli.RunnerError(f"no eval.json under {root}: run eval_math.py first, or pass its --output")
     header = ["model", "GSM8K", "MATH"]
     body = []
     for key, benches in groups.items():
@@ -55,4 +59,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.entry(main))
