@@ -217,5 +217,5 @@ def test_condlora_shares_one_pair_per_target_name_and_needs_square_weights():
 
 
 def test_no_target_is_a_clear_error():
-    with pytest.raises(ValueError, match="set adapter.targets"):
+    with pytest.raises(ValueError, match=r"set adapter\.targets"):
         adapters.setup(Block(), config("vera", targets=["nothing"]), head=[], seed=0)

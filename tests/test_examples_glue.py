@@ -153,3 +153,29 @@ def test_metrics_come_from_the_libraries():
 
     a, b = [1.0, 2.0, 3.0, 5.0], [2.0, 4.0, 6.5, 9.0]
     assert glue.score("pearson", a, b) == pytest.approx(np.corrcoef(a, b)[0, 1], abs=1e-12)
+
+
+def test_eval_entry_point_reads_run_folders_and_reference_folders(tmp_path):
+    import gpart
+
+    sys.path.insert(0, str(Path(glue.__file__).parent))
+    import eval_roberta_glue
+
+    (final,) = glue.main(["--tasks", "rte", "--output_dir", str(tmp_path / "runs"), *FAST], loaders=TINY)
+    run_folder = tmp_path / "runs" / "rte" / "gpart-base" / "seed42"
+    batch = ["training.batch_size", "8"]
+    (from_run,) = eval_roberta_glue.main(
+        ["--adapter_path", str(run_folder), "--tasks", "rte", *batch], loaders=TINY
+    )
+    assert from_run["test_metric"] == pytest.approx(final["test_metric"])
+
+    # The same adapter written in the reference's layout (PEFT folder) evaluates the same.
+    from types import SimpleNamespace
+
+    model, _ = tiny_model(SimpleNamespace(task=SimpleNamespace(num_labels=2)))
+    gpart.load(model, run_folder / "adapter.safetensors")
+    gpart.save_peft(model, tmp_path / "reference")
+    assert (tmp_path / "reference" / "adapter_config.json").is_file()
+    argv = ["--adapter_path", str(tmp_path / "reference"), "--tasks", "rte", *batch]
+    (from_reference,) = eval_roberta_glue.main(argv, loaders=TINY)
+    assert from_reference["test_metric"] == pytest.approx(final["test_metric"])

@@ -113,6 +113,18 @@ def test_train_then_evaluate_on_a_merged_model(tmp_path):
     assert not hasattr(model, "gpart") and not any(
         "parametrizations" in n for n, _ in model.named_parameters()
     )
+    # The reference's command line, with the adapter written in the reference's folder layout.
+    import gpart
+
+    reference = tiny_llama()
+    gpart.load(reference, folder / "adapter.safetensors")
+    gpart.save_peft(reference, tmp_path / "reference")
+    argv = ["--model_path", "tiny", "--adapter_path", str(tmp_path / "reference"), "--dataset", "gsm8k"]
+    argv += ["--max_new_tokens", "5", "--output", str(tmp_path / "eval_ref"), "--batch_size", "2"]
+    again = eval_math.main(argv, loaders=eval_math.Loaders(data=data, model=model_loader))
+    assert again["gsm8k"] == result["gsm8k"] and "math" not in again
+    assert not any("parametrizations" in n for n, _ in models[-1].named_parameters())
+    models.pop()
     rows = [json.loads(line) for line in (tmp_path / "eval" / "gsm8k.jsonl").read_text().splitlines()]
     assert {"completion", "prediction", "correct"} <= set(rows[0])
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["gsm8k"] == result["gsm8k"]

@@ -107,6 +107,22 @@ def test_vit_runs_end_to_end_with_a_held_out_split_and_local_dtd(tmp_path):
     spec.loader.exec_module(collector)
     assert "| gpart (base) |" in collector.main([str(out)])
 
+    sys.path.insert(0, str(Path(vit.__file__).parent))
+    import eval_ViT
+
+    argv = [
+        "--adapter_path",
+        str(folder),
+        "--dataset",
+        "cifar10",
+        "training.batch_size",
+        "8",
+        "task.num_labels",
+        "2",
+    ]
+    (evaluated,) = eval_ViT.main(argv, loaders=TINY)
+    assert evaluated["test_metric"] == pytest.approx(results[0]["test_metric"])
+
 
 def test_vit_base_recipe_counts():
     (counts,) = vit.main(["--compute_params_only", "--tasks", "cifar100"])

@@ -272,7 +272,8 @@ def resolve(
     for level, values in levels:
         for key, value in values.items():
             key = ALIASES.get(key, key)
-            if level == "runner defaults" and key.startswith("adapter.") and not hasattr(cfg.adapter, key[8:]):
+            field_name = key.removeprefix("adapter.")
+            if level == "runner defaults" and field_name != key and not hasattr(cfg.adapter, field_name):
                 continue  # a runner's default for adapters that have the field (full has no targets)
             set_value(cfg, key, value, from_text=level == "command line")
             cfg.sources[key] = level
